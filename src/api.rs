@@ -1,0 +1,183 @@
+//! The export route, in the order of its phases: parse, authenticate, authorize, route to a
+//! region, fetch, answer; then one access-log line.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response};
+use http_body_util::Full;
+use tokio::time::Instant;
+
+use crate::app::App;
+use crate::error::ApiError;
+use crate::route::{self, Export};
+use crate::routing::Route;
+use crate::upstream::{Fetched, X_REQUEST_ID};
+
+pub static X_CONVOCORE_REGION: HeaderName = HeaderName::from_static("x-convocore-region");
+pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// What one request did, for its access-log line.
+#[derive(Default)]
+struct Record {
+    team: Option<String>,
+    export: Option<Export>,
+    region: Option<usize>,
+    cache: Option<&'static str>,
+    upstream_ms: f64,
+    error: Option<String>,
+}
+
+/// The API listener's service: never fails, every error becomes a response.
+pub async fn handle<B>(
+    app: Arc<App>,
+    req: Request<B>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = Instant::now();
+    let request_id = app.request_id(req.headers().get(&X_REQUEST_ID));
+    let mut record = Record::default();
+    let mut response = match export(&app, &req, &request_id, &mut record).await {
+        Ok(r) => r,
+        Err(e) => {
+            record.error = Some(error_chain(&e));
+            e.into_response()
+        }
+    };
+    response
+        .headers_mut()
+        .insert(&X_REQUEST_ID, request_id.clone());
+    access_log(
+        &app,
+        &record,
+        &request_id,
+        response.status().as_u16(),
+        started,
+    );
+    Ok(response)
+}
+
+async fn export<B>(
+    app: &App,
+    req: &Request<B>,
+    request_id: &HeaderValue,
+    record: &mut Record,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let export = route::parse(req.method(), req.uri())?;
+    record.export = Some(export.clone());
+    let caller = app
+        .auth
+        .verify(req.headers())
+        .map_err(ApiError::Unauthorized)?;
+    record.team = Some(caller.team.clone());
+    app.auth.authorize(&caller, &export.agent)?;
+
+    let (region, fetched) = fetch_routed(app, &export, request_id, record).await?;
+    record.cache = Some("miss");
+    Ok(respond(
+        app,
+        region,
+        fetched,
+        "MISS",
+        "convocore-gateway; fwd=miss",
+    ))
+}
+
+/// Fetches from the agent's region; for an agent of unknown region, asks the default region and
+/// on its 404 the others in turn, and remembers the region that had it.
+async fn fetch_routed(
+    app: &App,
+    export: &Export,
+    request_id: &HeaderValue,
+    record: &mut Record,
+) -> Result<(usize, Fetched), ApiError> {
+    let regions = &app.upstream.regions;
+    match app.router.route(&export.agent).await {
+        Route::Region(i) => {
+            record.region = Some(i);
+            let fetched = app.upstream.fetch(&regions[i], export, request_id).await?;
+            record.upstream_ms += ms(fetched.elapsed);
+            Ok((i, fetched))
+        }
+        Route::Discover => {
+            let mut first_404: Option<(usize, Fetched)> = None;
+            for &i in app.router.discovery_order() {
+                record.region = Some(i);
+                let fetched = app.upstream.fetch(&regions[i], export, request_id).await?;
+                record.upstream_ms += ms(fetched.elapsed);
+                if fetched.status == http::StatusCode::NOT_FOUND {
+                    first_404.get_or_insert((i, fetched));
+                    continue;
+                }
+                if fetched.status.is_success() {
+                    app.router.learn(&export.agent, i).await;
+                }
+                return Ok((i, fetched));
+            }
+            // No region knows the agent: answer with the default region's 404.
+            let (i, fetched) = first_404.ok_or(ApiError::Internal("no regions".into()))?;
+            record.region = Some(i);
+            Ok((i, fetched))
+        }
+    }
+}
+
+fn respond(
+    app: &App,
+    region: usize,
+    fetched: Fetched,
+    x_cache: &'static str,
+    cache_status: &'static str,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(fetched.body));
+    *response.status_mut() = fetched.status;
+    let headers = response.headers_mut();
+    headers.extend(fetched.headers);
+    if let Ok(v) = HeaderValue::from_str(&app.upstream.regions[region].name) {
+        headers.insert(&X_CONVOCORE_REGION, v);
+    }
+    headers.insert(&X_CACHE, HeaderValue::from_static(x_cache));
+    headers.insert(&CACHE_STATUS, HeaderValue::from_static(cache_status));
+    response
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// An error and its sources on one line, for the log (never sent to the caller).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+fn access_log(app: &App, r: &Record, request_id: &HeaderValue, status: u16, started: Instant) {
+    let export = r.export.as_ref();
+    let region = r
+        .region
+        .map(|i| app.upstream.regions[i].name.as_str())
+        .unwrap_or("none");
+    tracing::info!(
+        target: "access",
+        request_id = request_id.to_str().unwrap_or("-"),
+        team = r.team.as_deref().unwrap_or("-"),
+        agent = export.map(|e| e.agent.as_str()).unwrap_or("-"),
+        convo = export.map(|e| e.convo.as_str()).unwrap_or("-"),
+        format = export.map(|e| e.format.as_str()).unwrap_or("-"),
+        region,
+        status,
+        cache = r.cache.unwrap_or("none"),
+        duration_ms = ms(started.elapsed()),
+        upstream_ms = r.upstream_ms,
+        error = r.error.as_deref().unwrap_or(""),
+        "request"
+    );
+}

@@ -1,0 +1,110 @@
+//! `App`: everything the request path shares, built once from a validated `Config`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use http::HeaderValue;
+
+use crate::auth::Auth;
+use crate::config::{Config, ConfigError};
+use crate::routing::Router;
+use crate::server::Tls;
+use crate::upstream::Upstream;
+
+pub struct App {
+    pub config: Config,
+    pub auth: Auth,
+    pub upstream: Upstream,
+    pub router: Router,
+    pub tls: Option<Tls>,
+    shutting_down: AtomicBool,
+    ids: RequestIds,
+}
+
+impl App {
+    /// Loads every key, token and certificate the config names; file sources are followed
+    /// from then on, so this must run inside the tokio runtime.
+    pub fn build(config: Config) -> Result<App, ConfigError> {
+        let auth = Auth::from_config(&config)?;
+        let upstream = Upstream::from_config(&config)?;
+        let router = Router::new(&config, &upstream);
+        let tls = match &config.server.tls {
+            Some(tls) => Some(Tls::from_config(&config, tls)?),
+            None => None,
+        };
+        Ok(App {
+            config,
+            auth,
+            upstream,
+            router,
+            tls,
+            shutting_down: AtomicBool::new(false),
+            ids: RequestIds::new(),
+        })
+    }
+
+    /// `/readyz`: config, keys and tokens are loaded by construction; not ready once shutdown
+    /// has begun.
+    pub fn is_ready(&self) -> bool {
+        !self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    /// The caller's `X-Request-Id` when it is 1 to 128 visible ASCII characters, else a new one.
+    pub fn request_id(&self, caller: Option<&HeaderValue>) -> HeaderValue {
+        if let Some(v) = caller {
+            let b = v.as_bytes();
+            if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| (0x21..=0x7e).contains(c)) {
+                return v.clone();
+            }
+        }
+        self.ids.next()
+    }
+}
+
+/// Request ids: a random per-process prefix and a counter, so ids are unique across restarts
+/// and replicas without a random draw per request.
+struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> RequestIds {
+        let mut bytes = [0u8; 8];
+        // A failed draw only makes ids less unique across processes; the time stands in.
+        if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            bytes = nanos.to_le_bytes();
+        }
+        RequestIds {
+            prefix: u64::from_le_bytes(bytes),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> HeaderValue {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{:016x}{:016x}", self.prefix, n);
+        HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids() {
+        let ids = RequestIds::new();
+        let a = ids.next();
+        let b = ids.next();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+    }
+}

@@ -1,0 +1,266 @@
+//! Errors the gateway itself answers with, in the upstream API's (tRPC-style) shape:
+//! `{"message": "...", "code": "...", "issues": [{"message": "..."}]}`.
+//!
+//! Every request-path failure becomes an [`ApiError`]; [`ApiError::into_response`] is the one
+//! place that turns one into a status, headers and body. Messages are written for callers and
+//! never contain a token, secret or key; internal detail stays in `source` for the log.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+
+use crate::upstream::UpstreamError;
+
+/// Why a caller's JWT was refused; the names are the `reason` label of
+/// `convocore_gateway_auth_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Malformed(&'static str),
+    BadSignature,
+    Expired,
+    NotYetValid,
+    Issuer,
+    Audience,
+    UnknownKey,
+}
+
+impl AuthFailure {
+    /// The metric label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::Malformed(_) => "malformed",
+            AuthFailure::BadSignature => "bad_signature",
+            AuthFailure::Expired => "expired",
+            AuthFailure::NotYetValid => "not_yet_valid",
+            AuthFailure::Issuer => "issuer",
+            AuthFailure::Audience => "audience",
+            AuthFailure::UnknownKey => "unknown_key",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing bearer token",
+            AuthFailure::Malformed(_) => "malformed token",
+            AuthFailure::BadSignature => "invalid token signature",
+            AuthFailure::Expired => "token expired",
+            AuthFailure::NotYetValid => "token not yet valid",
+            AuthFailure::Issuer => "token issuer not accepted",
+            AuthFailure::Audience => "token audience not accepted",
+            AuthFailure::UnknownKey => "unknown signing key",
+        }
+    }
+
+    fn issue(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "send Authorization: Bearer <team JWT>",
+            AuthFailure::Malformed(detail) => detail,
+            AuthFailure::BadSignature => "the signature does not verify with the configured key",
+            AuthFailure::Expired => "exp is in the past",
+            AuthFailure::NotYetValid => "nbf is in the future",
+            AuthFailure::Issuer => "iss is not an accepted issuer",
+            AuthFailure::Audience => "aud does not name an accepted audience",
+            AuthFailure::UnknownKey => "no configured key matches the token's alg and kid",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("not found")]
+    NotFound,
+    #[error("method not supported")]
+    MethodNotSupported,
+    #[error("unauthorized: {}", .0.reason())]
+    Unauthorized(AuthFailure),
+    #[error("forbidden")]
+    Forbidden(String),
+    #[error("upstream: {0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("not ready")]
+    Unavailable(&'static str),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotSupported => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Upstream(UpstreamError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Upstream(
+                UpstreamError::Unreachable(_)
+                | UpstreamError::TooLarge
+                | UpstreamError::Protocol(_)
+                | UpstreamError::Token(_),
+            ) => StatusCode::BAD_GATEWAY,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn message_and_issue(&self) -> (&str, Option<&str>) {
+        match self {
+            ApiError::BadRequest(issue) => ("invalid request", Some(issue)),
+            ApiError::NotFound => (
+                "no such route",
+                Some("the API serves GET /v3/agents/{agentId}/convos/{convoId}/export"),
+            ),
+            ApiError::MethodNotSupported => ("method not supported", Some("only GET is allowed")),
+            ApiError::Unauthorized(f) => (f.message(), Some(f.issue())),
+            ApiError::Forbidden(issue) => ("forbidden", Some(issue)),
+            ApiError::Upstream(UpstreamError::Timeout) => (
+                "upstream timed out",
+                Some("Convocore did not answer within upstream.request_timeout"),
+            ),
+            ApiError::Upstream(UpstreamError::Unreachable(_)) => (
+                "upstream unreachable",
+                Some("could not connect to the Convocore region"),
+            ),
+            ApiError::Upstream(UpstreamError::TooLarge) => (
+                "upstream response too large",
+                Some("the export exceeds upstream.max_response_bytes"),
+            ),
+            ApiError::Upstream(UpstreamError::Protocol(_)) => (
+                "bad upstream response",
+                Some("the Convocore region sent an invalid response"),
+            ),
+            ApiError::Upstream(UpstreamError::Token(_)) => (
+                "upstream credentials unavailable",
+                Some("the gateway has no usable Convocore token for this region"),
+            ),
+            ApiError::Unavailable(issue) => ("service unavailable", Some(issue)),
+            ApiError::Internal(_) => ("internal error", None),
+        }
+    }
+
+    /// The one place where a failure becomes a response.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let (message, issue) = self.message_and_issue();
+        let mut resp = error_response(self.status(), message, issue);
+        match &self {
+            ApiError::MethodNotSupported => {
+                resp.headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static("GET"));
+            }
+            ApiError::Unauthorized(failure) => {
+                resp.headers_mut()
+                    .insert(WWW_AUTHENTICATE, www_authenticate(*failure));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+/// RFC 6750 §3: no error attribute when no credentials were sent at all.
+fn www_authenticate(failure: AuthFailure) -> HeaderValue {
+    match failure {
+        AuthFailure::Missing => HeaderValue::from_static("Bearer realm=\"convocore-gateway\""),
+        f => {
+            let value = format!(
+                "Bearer realm=\"convocore-gateway\", error=\"invalid_token\", error_description=\"{}\"",
+                f.message()
+            );
+            HeaderValue::from_str(&value)
+                .unwrap_or_else(|_| HeaderValue::from_static("Bearer realm=\"convocore-gateway\""))
+        }
+    }
+}
+
+/// The tRPC code for a status the gateway answers with.
+pub fn code_for(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "BAD_REQUEST",
+        401 => "UNAUTHORIZED",
+        403 => "FORBIDDEN",
+        404 => "NOT_FOUND",
+        405 => "METHOD_NOT_SUPPORTED",
+        413 => "PAYLOAD_TOO_LARGE",
+        429 => "TOO_MANY_REQUESTS",
+        502 => "BAD_GATEWAY",
+        503 => "SERVICE_UNAVAILABLE",
+        504 => "GATEWAY_TIMEOUT",
+        _ => "INTERNAL_SERVER_ERROR",
+    }
+}
+
+/// A JSON error body in the contract's shape.
+pub fn error_response(
+    status: StatusCode,
+    message: &str,
+    issue: Option<&str>,
+) -> Response<Full<Bytes>> {
+    let mut body = serde_json::json!({ "message": message, "code": code_for(status) });
+    if let Some(issue) = issue {
+        body["issues"] = serde_json::json!([{ "message": issue }]);
+    }
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body(resp: Response<Full<Bytes>>) -> serde_json::Value {
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn shape_and_codes() {
+        let resp = ApiError::Unauthorized(AuthFailure::Expired).into_response();
+        assert_eq!(resp.status(), 401);
+        assert!(resp.headers()[WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer"));
+        assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+        let v = body(resp).await;
+        assert_eq!(v["code"], "UNAUTHORIZED");
+        assert_eq!(v["message"], "token expired");
+        assert_eq!(v["issues"][0]["message"], "exp is in the past");
+
+        let resp = ApiError::MethodNotSupported.into_response();
+        assert_eq!(resp.status(), 405);
+        assert_eq!(resp.headers()[ALLOW], "GET");
+        assert_eq!(body(resp).await["code"], "METHOD_NOT_SUPPORTED");
+
+        let resp = ApiError::Upstream(UpstreamError::Timeout).into_response();
+        assert_eq!(resp.status(), 504);
+        assert_eq!(body(resp).await["code"], "GATEWAY_TIMEOUT");
+    }
+
+    #[test]
+    fn every_contract_code() {
+        for (status, code) in [
+            (400, "BAD_REQUEST"),
+            (401, "UNAUTHORIZED"),
+            (403, "FORBIDDEN"),
+            (404, "NOT_FOUND"),
+            (405, "METHOD_NOT_SUPPORTED"),
+            (413, "PAYLOAD_TOO_LARGE"),
+            (429, "TOO_MANY_REQUESTS"),
+            (500, "INTERNAL_SERVER_ERROR"),
+            (502, "BAD_GATEWAY"),
+            (503, "SERVICE_UNAVAILABLE"),
+            (504, "GATEWAY_TIMEOUT"),
+        ] {
+            assert_eq!(code_for(StatusCode::from_u16(status).unwrap()), code);
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The `convocore-gateway` command: run | check-config | demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use convocore_gateway::{server, App, Config, ConfigError, Listeners};
+
+#[derive(Parser)]
+#[command(
+    name = "convocore-gateway",
+    version,
+    about = "Caching gateway for Convocore V3 conversation exports"
+)]
+struct Cli {
+    /// The configuration file.
+    #[arg(
+        long,
+        global = true,
+        env = "CONVOCORE_GATEWAY_CONFIG",
+        default_value = "config.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration (files readable, keys parse, token sources present), print a
+    /// summary, and exit.
+    CheckConfig,
+    /// Run the gateway on loopback in front of an embedded mock Convocore, with a demo key.
+    Demo,
+}
+
+/// Exit statuses: 0 fine, 2 configuration error, 1 any other failure.
+enum Failure {
+    Config(ConfigError),
+    Other(String),
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::Config(e)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("convocore-gateway: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            None => run(&cli.config).await,
+            Some(Command::CheckConfig) => check_config(&cli.config),
+            Some(Command::Demo) => convocore_gateway::demo::run()
+                .await
+                .map_err(|e| Failure::Other(format!("demo: {e}"))),
+        }
+    });
+    // Connections and watchers may still hold tasks; do not wait for them.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("convocore-gateway: configuration error: {e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("convocore-gateway: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(path: &std::path::Path) -> Result<(), Failure> {
+    let config = Config::load(path)?;
+    let _log = convocore_gateway::log::init(config.log.format, &config.log.level);
+    let app = Arc::new(App::build(config)?);
+    let server = &app.config.server;
+    let listeners = Listeners::bind(server.listen, server.admin_listen)
+        .await
+        .map_err(|e| {
+            Failure::Other(format!(
+                "cannot listen on {} / {}: {e}",
+                server.listen, server.admin_listen
+            ))
+        })?;
+    tracing::info!(
+        listen = %server.listen,
+        admin_listen = %server.admin_listen,
+        tls = server.tls.is_some(),
+        version = env!("CARGO_PKG_VERSION"),
+        "convocore-gateway started"
+    );
+    server::run(app.clone(), listeners, server::shutdown_signal())
+        .await
+        .map_err(|e| Failure::Other(e.to_string()))
+}
+
+fn check_config(path: &std::path::Path) -> Result<(), Failure> {
+    let config = Config::load(path)?;
+    let app = App::build(config)?;
+    let c = &app.config;
+    println!("{}: OK", path.display());
+    println!(
+        "  listen        {} (TLS: {})",
+        c.server.listen,
+        if c.server.tls.is_some() { "on" } else { "off" }
+    );
+    println!("  admin_listen  {}", c.server.admin_listen);
+    for region in &c.regions {
+        println!("  region {:<6} {}", region.0, region.1.base_url);
+    }
+    println!(
+        "  routing       default {}, discover {}, {} static agents",
+        c.routing.default_region,
+        c.routing.discover,
+        c.routing.agents.len()
+    );
+    for key in app.auth.describe() {
+        println!("  key           {key}");
+    }
+    if c.auth.issuers.is_empty() || c.auth.audiences.is_empty() {
+        println!(
+            "  warning       auth.issuers or auth.audiences is empty: iss/aud are not checked"
+        );
+    }
+    match &c.teams {
+        None => println!("  teams         (none: every authenticated team may export every agent)"),
+        Some(t) => println!(
+            "  teams         {}",
+            t.keys().cloned().collect::<Vec<_>>().join(", ")
+        ),
+    }
+    println!(
+        "  cache         {} max_bytes {} ttl {} stale_if_error {}",
+        if c.cache.enabled { "on" } else { "off" },
+        c.cache.max_bytes,
+        humantime::format_duration(c.cache.ttl),
+        humantime::format_duration(c.cache.stale_if_error)
+    );
+    Ok(())
+}

@@ -1,0 +1,439 @@
+//! An embedded mock of one Convocore region, for `demo` and the integration tests: real HTTP
+//! (or HTTPS) on a loopback port, sample conversations in JSON and CSV shaped like the API's
+//! documented example, a recorder of every request it saw, and fault switches.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+/// The most requests a mock remembers; older ones are dropped.
+const MAX_RECORDED: usize = 10_000;
+
+/// One request as the mock saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+}
+
+/// What the mock answers, besides its normal behaviour.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Answer every request with this status and a tRPC error body.
+    pub status: Option<u16>,
+    /// Wait this long before answering.
+    pub delay: Duration,
+    /// Answer 200 with a body of this many bytes: (bytes, chunked without Content-Length).
+    pub oversize: Option<(usize, bool)>,
+    /// Extra response headers, e.g. `Cache-Control: no-store`.
+    pub headers: Vec<(String, String)>,
+}
+
+struct State {
+    region: String,
+    token: Mutex<String>,
+    agents: Mutex<BTreeMap<String, Vec<String>>>,
+    recorded: Mutex<Vec<Recorded>>,
+    faults: Mutex<Faults>,
+    /// Bumped by [`MockConvocore::bump_version`]; part of every body, so a refetch shows.
+    version: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running mock region; stops when dropped.
+pub struct MockConvocore {
+    addr: SocketAddr,
+    tls: bool,
+    state: Arc<State>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for MockConvocore {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl MockConvocore {
+    /// Starts a plain-HTTP mock on `127.0.0.1:0` that expects `Bearer {token}` and knows
+    /// `agents` (agent id -> conversation ids).
+    pub async fn start(
+        region: &str,
+        token: &str,
+        agents: &[(&str, &[&str])],
+    ) -> std::io::Result<Self> {
+        Self::start_on(region, token, agents, None).await
+    }
+
+    /// The same over HTTPS with the given certificate chain and key (PEM).
+    pub async fn start_tls(
+        region: &str,
+        token: &str,
+        agents: &[(&str, &[&str])],
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> std::io::Result<Self> {
+        let certs = rustls_pemfile::certs(&mut &cert_pem[..]).collect::<Result<Vec<_>, _>>()?;
+        let key = rustls_pemfile::private_key(&mut &key_pem[..])?
+            .ok_or_else(|| std::io::Error::other("no private key"))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(std::io::Error::other)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Self::start_on(
+            region,
+            token,
+            agents,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        )
+        .await
+    }
+
+    async fn start_on(
+        region: &str,
+        token: &str,
+        agents: &[(&str, &[&str])],
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            region: region.to_string(),
+            token: Mutex::new(token.to_string()),
+            agents: Mutex::new(
+                agents
+                    .iter()
+                    .map(|(a, cs)| (a.to_string(), cs.iter().map(|c| c.to_string()).collect()))
+                    .collect(),
+            ),
+            recorded: Mutex::new(Vec::new()),
+            faults: Mutex::new(Faults::default()),
+            version: AtomicU64::new(1),
+        });
+        let is_tls = tls.is_some();
+        let task = tokio::spawn(serve(listener, state.clone(), tls));
+        Ok(MockConvocore {
+            addr,
+            tls: is_tls,
+            state,
+            task: Some(task),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT/v3` (or `https://localhost:PORT/v3` over TLS).
+    pub fn base_url(&self) -> String {
+        if self.tls {
+            format!("https://localhost:{}/v3", self.addr.port())
+        } else {
+            format!("http://{}/v3", self.addr)
+        }
+    }
+
+    /// Every request seen so far, oldest first.
+    pub fn requests(&self) -> Vec<Recorded> {
+        lock(&self.state.recorded).clone()
+    }
+
+    pub fn request_count(&self) -> usize {
+        lock(&self.state.recorded).len()
+    }
+
+    pub fn clear_requests(&self) {
+        lock(&self.state.recorded).clear();
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        *lock(&self.state.faults) = faults;
+    }
+
+    pub fn set_token(&self, token: &str) {
+        *lock(&self.state.token) = token.to_string();
+    }
+
+    pub fn add_agent(&self, agent: &str, convos: &[&str]) {
+        lock(&self.state.agents).insert(
+            agent.to_string(),
+            convos.iter().map(|c| c.to_string()).collect(),
+        );
+    }
+
+    /// Changes every body from now on (a conversation that got new turns).
+    pub fn bump_version(&self) -> u64 {
+        self.state.version.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Stops accepting and closes every connection: later requests are refused.
+    pub fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustls::TlsAcceptor>) {
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    // Connections live in the set, so aborting this task closes them all.
+    let mut connections = JoinSet::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let state = state.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |req| answer(state.clone(), req));
+            match tls {
+                None => {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+type MockBody = BoxBody<Bytes, Infallible>;
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<MockBody> {
+    let mut r = Response::new(Full::new(body.into()).boxed());
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn trpc_error(status: StatusCode, code: &str, message: &str) -> Response<MockBody> {
+    let body = serde_json::json!({ "message": message, "code": code }).to_string();
+    full(status, "application/json", body)
+}
+
+async fn answer<B>(state: Arc<State>, req: Request<B>) -> Result<Response<MockBody>, Infallible> {
+    {
+        let mut recorded = lock(&state.recorded);
+        if recorded.len() >= MAX_RECORDED {
+            recorded.remove(0);
+        }
+        recorded.push(Recorded {
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            query: req.uri().query().map(str::to_string),
+            headers: req.headers().clone(),
+        });
+    }
+    let faults = lock(&state.faults).clone();
+    if !faults.delay.is_zero() {
+        tokio::time::sleep(faults.delay).await;
+    }
+    let mut response = export(&state, &req, &faults);
+    let headers = response.headers_mut();
+    // Headers a real server sends that the gateway must not pass on.
+    headers.insert(
+        "set-cookie",
+        http::HeaderValue::from_static("session=upstream-secret"),
+    );
+    headers.insert(
+        "x-powered-by",
+        http::HeaderValue::from_static("convocore-mock"),
+    );
+    headers.insert("server", http::HeaderValue::from_static("convocore-mock"));
+    for (name, value) in &faults.headers {
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    Ok(response)
+}
+
+fn export<B>(state: &State, req: &Request<B>, faults: &Faults) -> Response<MockBody> {
+    let expected = format!("Bearer {}", lock(&state.token));
+    if req.headers().get(AUTHORIZATION).map(|v| v.as_bytes()) != Some(expected.as_bytes()) {
+        return trpc_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "Invalid API key");
+    }
+    if let Some(status) = faults.status {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return trpc_error(status, crate::error::code_for(status), "mock fault");
+    }
+    let path = req.uri().path();
+    let Some((agent, convo)) = path
+        .strip_prefix("/v3/agents/")
+        .and_then(|p| p.strip_suffix("/export"))
+        .and_then(|p| p.split_once("/convos/"))
+    else {
+        return trpc_error(StatusCode::NOT_FOUND, "NOT_FOUND", "No such route");
+    };
+    let format = match req.uri().query() {
+        None | Some("format=json") => "json",
+        Some("format=csv") => "csv",
+        Some(_) => return trpc_error(StatusCode::BAD_REQUEST, "BAD_REQUEST", "Invalid format"),
+    };
+    {
+        let agents = lock(&state.agents);
+        let Some(convos) = agents.get(agent) else {
+            return trpc_error(StatusCode::NOT_FOUND, "NOT_FOUND", "Agent not found");
+        };
+        if !convos.iter().any(|c| c == convo) {
+            return trpc_error(StatusCode::NOT_FOUND, "NOT_FOUND", "Conversation not found");
+        }
+    }
+    if let Some((size, chunked)) = faults.oversize {
+        let body = Chunks {
+            remaining: size,
+            chunk: Bytes::from(vec![b'x'; 16 * 1024]),
+        };
+        let mut r = Response::new(body.boxed());
+        if !chunked {
+            if let Ok(v) = size.to_string().parse() {
+                r.headers_mut().insert(http::header::CONTENT_LENGTH, v);
+            }
+        }
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        return r;
+    }
+    let version = state.version.load(Ordering::Relaxed);
+    let etag = format!("\"{}-{agent}-{convo}-{format}-v{version}\"", state.region);
+    let mut r = if format == "csv" {
+        let mut r = full(
+            StatusCode::OK,
+            "text/csv; charset=utf-8",
+            sample_csv(agent, convo, version),
+        );
+        if let Ok(v) = format!("attachment; filename=\"{convo}.csv\"").parse() {
+            r.headers_mut().insert(http::header::CONTENT_DISPOSITION, v);
+        }
+        r
+    } else {
+        full(
+            StatusCode::OK,
+            "application/json; charset=utf-8",
+            sample_json(&state.region, agent, convo, version),
+        )
+    };
+    if let Ok(v) = etag.parse() {
+        r.headers_mut().insert(http::header::ETAG, v);
+    }
+    r.headers_mut().insert(
+        http::header::LAST_MODIFIED,
+        http::HeaderValue::from_static("Sun, 01 Dec 2024 10:30:02 GMT"),
+    );
+    r
+}
+
+/// A JSON export shaped like the API documentation's example response.
+pub fn sample_json(region: &str, agent: &str, convo: &str, version: u64) -> String {
+    serde_json::json!({
+        "success": true,
+        "message": "Conversation exported successfully",
+        "data": {
+            "metadata": {
+                "feedback": "Positive",
+                "convo": {
+                    "id": convo,
+                    "agentId": agent,
+                    "userName": "John Doe",
+                    "userEmail": "john@example.com",
+                    "userPhone": "+1234567890",
+                    "userCompany": "Acme Corp",
+                    "notes": format!("Served by the {region} mock, revision {version}"),
+                    "tags": ["new-lead"],
+                    "origin": "web"
+                },
+                "sessions": []
+            },
+            "turns": [
+                { "from": "user", "messages": [{ "type": "text", "ts": "December 1st 2024, 10:30:00 am",
+                    "payload": { "message": "Hello!", "feedback": "Unset", "aiGenerated": false } }] },
+                { "from": "bot", "messages": [{ "type": "text", "ts": "December 1st 2024, 10:30:02 am",
+                    "payload": { "message": "Hi! How can I help you today?", "feedback": "Positive", "aiGenerated": true } }] }
+            ]
+        }
+    })
+    .to_string()
+}
+
+/// The same conversation as CSV.
+pub fn sample_csv(agent: &str, convo: &str, version: u64) -> String {
+    format!(
+        "agentId,convoId,revision,from,type,ts,message,feedback,aiGenerated\n\
+         {agent},{convo},{version},user,text,\"December 1st 2024, 10:30:00 am\",Hello!,Unset,false\n\
+         {agent},{convo},{version},bot,text,\"December 1st 2024, 10:30:02 am\",Hi! How can I help you today?,Positive,true\n"
+    )
+}
+
+/// A body of `remaining` bytes sent in chunks, without a declared length.
+struct Chunks {
+    remaining: usize,
+    chunk: Bytes,
+}
+
+impl Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.remaining.min(self.chunk.len());
+        self.remaining -= n;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
+    }
+}

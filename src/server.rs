@@ -1,0 +1,290 @@
+//! Listeners, the accept loops, TLS, and graceful shutdown (hyper-util's `server_graceful`
+//! recipe): on shutdown `/readyz` turns 503, the API listener closes, in-flight requests get
+//! `server.shutdown_grace` to finish, and the admin listener keeps answering until then.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::app::App;
+use crate::config::{self, Config, ConfigError};
+use crate::watch::Watched;
+use crate::{admin, api};
+
+/// Connections held open at once per listener; past this, new connections are closed at once.
+const MAX_CONNECTIONS: usize = 10_000;
+/// How long a client may take to send a request head, or finish a TLS handshake.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Listeners {
+    pub api: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(api: SocketAddr, admin: SocketAddr) -> std::io::Result<Listeners> {
+        Ok(Listeners {
+            api: TcpListener::bind(api).await?,
+            admin: TcpListener::bind(admin).await?,
+        })
+    }
+}
+
+/// The API listener's TLS: certificate and key follow their files.
+pub struct Tls {
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+struct Resolver(Arc<Watched<Arc<CertifiedKey>>>);
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.get().as_ref().clone())
+    }
+}
+
+impl Tls {
+    pub fn from_config(config: &Config, tls: &config::Tls) -> Result<Tls, ConfigError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let cert_path = config.resolve(&tls.cert_file);
+        let key_path = config.resolve(&tls.key_file);
+        // One watcher on the certificate; the key is read with it, since both change together.
+        let key_for_load = key_path.clone();
+        let provider_for_load = provider.clone();
+        let certified = Watched::file(&cert_path, move |cert_pem| {
+            let key_pem = std::fs::read(&key_for_load)
+                .map_err(|e| format!("cannot read {}: {e}", key_for_load.display()))?;
+            certified_key(&provider_for_load, cert_pem, &key_pem)
+        })
+        .map_err(|m| ConfigError::new(&config.path, "server.tls.cert_file", m))?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConfigError::new(&config.path, "server.tls", e))?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Resolver(certified)));
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Tls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        })
+    }
+}
+
+fn certified_key(
+    provider: &rustls::crypto::CryptoProvider,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<Arc<CertifiedKey>, String> {
+    let certs = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("cert_file is not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("cert_file holds no certificate".to_string());
+    }
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|e| format!("key_file is not PEM: {e}"))?
+        .ok_or_else(|| "key_file holds no private key".to_string())?;
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|_| "key_file: unsupported private key".to_string())?;
+    let certified = CertifiedKey::new(certs, signing);
+    certified
+        .keys_match()
+        .map_err(|_| "cert_file and key_file do not belong together".to_string())?;
+    Ok(Arc::new(certified))
+}
+
+/// Serves both listeners until `shutdown` resolves, then drains. Returns when done.
+pub async fn run(
+    app: Arc<App>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Duration::from_secs(30));
+    let builder = Arc::new(builder);
+    let mut admin_builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+    admin_builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    let admin_builder = Arc::new(admin_builder);
+
+    let api_graceful = GracefulShutdown::new();
+    let admin_graceful = GracefulShutdown::new();
+    let api_slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let admin_slots = Arc::new(Semaphore::new(1024));
+    let Listeners { api, admin } = listeners;
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = api.accept() => if let Some(stream) = accepted_or_pause(accepted).await {
+                serve_api(&app, &builder, &api_graceful, &api_slots, stream);
+            },
+            accepted = admin.accept() => if let Some(stream) = accepted_or_pause(accepted).await {
+                serve_admin(&app, &admin_builder, &admin_graceful, &admin_slots, stream);
+            },
+            _ = &mut shutdown => break,
+        }
+    }
+
+    app.begin_shutdown();
+    drop(api);
+    tracing::info!(
+        grace_s = app.config.server.shutdown_grace.as_secs_f64(),
+        "shutting down: not ready, API listener closed, draining in-flight requests"
+    );
+    let drain = tokio::time::timeout(app.config.server.shutdown_grace, api_graceful.shutdown());
+    tokio::pin!(drain);
+    loop {
+        tokio::select! {
+            result = &mut drain => {
+                if result.is_err() {
+                    tracing::warn!("shutdown_grace elapsed with requests still in flight");
+                }
+                break;
+            }
+            accepted = admin.accept() => if let Some(stream) = accepted_or_pause(accepted).await {
+                serve_admin(&app, &admin_builder, &admin_graceful, &admin_slots, stream);
+            },
+        }
+    }
+    drop(admin);
+    let _ = tokio::time::timeout(Duration::from_secs(1), admin_graceful.shutdown()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// An accept error (e.g. out of file descriptors) must not end the server: pause and go on.
+async fn accepted_or_pause(
+    accepted: std::io::Result<(TcpStream, SocketAddr)>,
+) -> Option<TcpStream> {
+    match accepted {
+        Ok((stream, _)) => {
+            let _ = stream.set_nodelay(true);
+            Some(stream)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
+        }
+    }
+}
+
+fn serve_api(
+    app: &Arc<App>,
+    builder: &Arc<auto::Builder<TokioExecutor>>,
+    graceful: &GracefulShutdown,
+    slots: &Arc<Semaphore>,
+    stream: TcpStream,
+) {
+    let Ok(permit) = slots.clone().try_acquire_owned() else {
+        tracing::warn!("connection limit reached; closing a new API connection");
+        return;
+    };
+    let app = app.clone();
+    let builder = builder.clone();
+    let watcher = graceful.watcher();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let service = {
+            let app = app.clone();
+            service_fn(move |req| api::handle(app.clone(), req))
+        };
+        let result = match &app.tls {
+            None => {
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                watcher.watch(conn).await
+            }
+            Some(tls) => {
+                let handshake = tokio::time::timeout(HEADER_TIMEOUT, tls.acceptor.accept(stream));
+                let stream = match handshake.await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                watcher.watch(conn).await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "API connection ended with an error");
+        }
+    });
+}
+
+fn serve_admin(
+    app: &Arc<App>,
+    builder: &Arc<auto::Builder<TokioExecutor>>,
+    graceful: &GracefulShutdown,
+    slots: &Arc<Semaphore>,
+    stream: TcpStream,
+) {
+    let Ok(permit) = slots.clone().try_acquire_owned() else {
+        return;
+    };
+    let app = app.clone();
+    let builder = builder.clone();
+    let watcher = graceful.watcher();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let service = service_fn(move |req| admin::handle(app.clone(), req));
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(error = %e, "admin connection ended with an error");
+        }
+    });
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

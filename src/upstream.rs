@@ -1,0 +1,322 @@
+//! The Convocore client: one pooled hyper-util client over rustls (HTTP/1.1 and HTTP/2 by
+//! ALPN), the regions with their tokens, and one exchange per export with the whole-exchange
+//! timeout and the response-size cap.
+//!
+//! The upstream request is built from the parsed [`Export`], never by forwarding the caller's
+//! request, so no caller header can reach Convocore by accident.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{
+    HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_DISPOSITION,
+    CONTENT_LENGTH, CONTENT_TYPE, ETAG, LAST_MODIFIED, USER_AGENT,
+};
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+
+use crate::config::{Config, ConfigError};
+use crate::route::{Export, Format};
+use crate::watch::Watched;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Response headers passed from Convocore to the caller; nothing else is.
+pub const PASSED_HEADERS: [HeaderName; 4] =
+    [CONTENT_TYPE, CONTENT_DISPOSITION, ETAG, LAST_MODIFIED];
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect: {0}")]
+    Unreachable(#[source] BoxError),
+    #[error("timed out")]
+    Timeout,
+    #[error("response body over max_response_bytes")]
+    TooLarge,
+    #[error("protocol: {0}")]
+    Protocol(#[source] BoxError),
+    #[error("token: {0}")]
+    Token(String),
+}
+
+impl UpstreamError {
+    /// The `status` label of `convocore_gateway_upstream_requests_total` for a failed exchange.
+    pub fn label(&self) -> &'static str {
+        match self {
+            UpstreamError::Timeout => "timeout",
+            _ => "error",
+        }
+    }
+}
+
+/// One Convocore region.
+pub struct Region {
+    pub name: String,
+    /// `https://eu-gcp-api.vg-stuff.com/v3`, without a trailing slash.
+    base: String,
+    /// `Bearer <shared token>`, marked sensitive; follows `token_file`.
+    authorization: Arc<Watched<HeaderValue>>,
+}
+
+/// What Convocore answered.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub status: StatusCode,
+    /// Only [`PASSED_HEADERS`].
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// False when Convocore said `Cache-Control: no-store` or `private`.
+    pub storable: bool,
+    pub elapsed: Duration,
+}
+
+pub struct Upstream {
+    client: Arc<Watched<HttpClient>>,
+    pub regions: Vec<Region>,
+    request_timeout: Duration,
+    max_response_bytes: u64,
+    user_agent: HeaderValue,
+}
+
+impl Upstream {
+    pub fn from_config(config: &Config) -> Result<Upstream, ConfigError> {
+        let up = &config.upstream;
+        let connect_timeout = up.connect_timeout;
+        let client = match &up.ca_file {
+            Some(file) => {
+                let path = config.resolve(file);
+                Watched::file(&path, move |pem| build_client(connect_timeout, Some(pem)))
+                    .map_err(|m| ConfigError::new(&config.path, "upstream.ca_file", m))?
+            }
+            None => Watched::fixed(
+                build_client(connect_timeout, None)
+                    .map_err(|m| ConfigError::new(&config.path, "upstream", m))?,
+            ),
+        };
+
+        let shared = token_source(
+            config,
+            "upstream",
+            up.token_env.as_deref(),
+            up.token_file.as_deref(),
+        )?;
+        let mut regions = Vec::with_capacity(config.regions.len());
+        for (name, region) in &config.regions {
+            let own = token_source(
+                config,
+                &format!("regions.{name}"),
+                region.token_env.as_deref(),
+                region.token_file.as_deref(),
+            )?;
+            let authorization = own.or_else(|| shared.clone()).ok_or_else(|| {
+                ConfigError::new(
+                    &config.path,
+                    "upstream.token_env",
+                    "no Convocore token source",
+                )
+            })?;
+            regions.push(Region {
+                name: name.clone(),
+                base: region.base_url.trim_end_matches('/').to_string(),
+                authorization,
+            });
+        }
+        Ok(Upstream {
+            client,
+            regions,
+            request_timeout: up.request_timeout,
+            max_response_bytes: up.max_response_bytes,
+            user_agent: HeaderValue::from_static(concat!(
+                "convocore-gateway/",
+                env!("CARGO_PKG_VERSION")
+            )),
+        })
+    }
+
+    pub fn region_index(&self, name: &str) -> Option<usize> {
+        self.regions.iter().position(|r| r.name == name)
+    }
+
+    /// One exchange with a region: `GET {base}/agents/{a}/convos/{c}/export?format=…` with the
+    /// shared token. The whole exchange, body included, is bounded by `request_timeout`; a body
+    /// over `max_response_bytes` is an error, never truncated.
+    pub async fn fetch(
+        &self,
+        region: &Region,
+        export: &Export,
+        request_id: &HeaderValue,
+    ) -> Result<Fetched, UpstreamError> {
+        let uri = format!(
+            "{}/agents/{}/convos/{}/export?format={}",
+            region.base,
+            export.agent,
+            export.convo,
+            export.format.as_str()
+        );
+        let accept = match export.format {
+            Format::Json => HeaderValue::from_static("application/json"),
+            Format::Csv => HeaderValue::from_static("text/csv, application/json;q=0.5"),
+        };
+        let request = Request::get(uri)
+            .header(AUTHORIZATION, region.authorization.get().as_ref().clone())
+            .header(ACCEPT, accept)
+            .header(&X_REQUEST_ID, request_id.clone())
+            .header(USER_AGENT, self.user_agent.clone())
+            .body(Empty::new())
+            .map_err(|e| UpstreamError::Protocol(Box::new(e)))?;
+
+        let started = Instant::now();
+        let client = self.client.get();
+        let max = self.max_response_bytes;
+        let exchange = async move {
+            let response = client.request(request).await.map_err(|e| {
+                if e.is_connect() {
+                    UpstreamError::Unreachable(Box::new(e))
+                } else {
+                    UpstreamError::Protocol(Box::new(e))
+                }
+            })?;
+            let (parts, body) = response.into_parts();
+            let declared = parts
+                .headers
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > max) {
+                return Err(UpstreamError::TooLarge);
+            }
+            let limit = usize::try_from(max).unwrap_or(usize::MAX);
+            let body = Limited::new(body, limit)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<LengthLimitError>() {
+                        UpstreamError::TooLarge
+                    } else {
+                        UpstreamError::Protocol(e)
+                    }
+                })?
+                .to_bytes();
+            Ok((parts, body))
+        };
+        let (parts, body) = tokio::time::timeout(self.request_timeout, exchange)
+            .await
+            .map_err(|_| UpstreamError::Timeout)??;
+
+        let mut headers = HeaderMap::with_capacity(PASSED_HEADERS.len());
+        for name in &PASSED_HEADERS {
+            if let Some(v) = parts.headers.get(name) {
+                headers.insert(name.clone(), v.clone());
+            }
+        }
+        let storable = !parts.headers.get_all(CACHE_CONTROL).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',').any(|d| {
+                    let d = d.trim();
+                    d.eq_ignore_ascii_case("no-store")
+                        || d.eq_ignore_ascii_case("private")
+                        || d.to_ascii_lowercase().starts_with("private=")
+                })
+            })
+        });
+        Ok(Fetched {
+            status: parts.status,
+            headers,
+            body,
+            storable,
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+fn build_client(connect_timeout: Duration, extra_ca: Option<&[u8]>) -> Result<HttpClient, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = extra_ca {
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut &pem[..]) {
+            let cert = cert.map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("unusable CA certificate: {e}"))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err("no PEM certificate found".to_string());
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS setup: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .build(https))
+}
+
+/// `token_env` / `token_file` to a watched `Authorization` value; `None` when neither is set.
+fn token_source(
+    config: &Config,
+    at: &str,
+    env: Option<&str>,
+    file: Option<&Path>,
+) -> Result<Option<Arc<Watched<HeaderValue>>>, ConfigError> {
+    if let Some(var) = env {
+        let value = std::env::var(var).map_err(|_| {
+            ConfigError::new(
+                &config.path,
+                format!("{at}.token_env"),
+                format!("environment variable {var} is not set"),
+            )
+        })?;
+        let header = bearer_header(value.as_bytes())
+            .map_err(|m| ConfigError::new(&config.path, format!("{at}.token_env"), m))?;
+        return Ok(Some(Watched::fixed(header)));
+    }
+    if let Some(file) = file {
+        let path = config.resolve(file);
+        let watched = Watched::file(&path, bearer_header)
+            .map_err(|m| ConfigError::new(&config.path, format!("{at}.token_file"), m))?;
+        return Ok(Some(watched));
+    }
+    Ok(None)
+}
+
+/// A token to `Bearer <token>`; errors never include the token.
+fn bearer_header(raw: &[u8]) -> Result<HeaderValue, String> {
+    let token = std::str::from_utf8(raw)
+        .map_err(|_| "the token is not UTF-8".to_string())?
+        .trim();
+    if token.is_empty() {
+        return Err("the token is empty".to_string());
+    }
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| "the token has characters not allowed in a header".to_string())?;
+    value.set_sensitive(true);
+    Ok(value)
+}

@@ -1,0 +1,139 @@
+//! Values loaded from files that are read again when the file changes (a rotated Kubernetes
+//! Secret, a renewed certificate), without a restart.
+//!
+//! A background task polls the file's metadata; polling instead of inotify because Kubernetes
+//! swaps Secret volumes through a symlink (`..data`), which inotify on the file itself misses,
+//! and because a `stat` a second is nothing. A change that fails to load keeps the old value
+//! and logs a warning: a half-written Secret must not take the gateway down.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+
+/// How often watched files are checked for changes.
+pub const POLL: Duration = Duration::from_millis(500);
+
+/// A value loaded from one source: fixed (an environment variable) or a watched file.
+pub struct Watched<T> {
+    current: ArcSwap<T>,
+}
+
+impl<T: Send + Sync + 'static> Watched<T> {
+    /// A value that never changes.
+    pub fn fixed(value: T) -> Arc<Self> {
+        Arc::new(Watched {
+            current: ArcSwap::from_pointee(value),
+        })
+    }
+
+    /// Loads `path` now (an error here is a start-up error) and then follows its changes
+    /// from a background task that ends when the returned value is dropped.
+    pub fn file<F>(path: &Path, load: F) -> Result<Arc<Self>, String>
+    where
+        F: Fn(&[u8]) -> Result<T, String> + Send + Sync + 'static,
+    {
+        let unreadable = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+        let stamp = Stamp::of(path).map_err(unreadable)?;
+        let bytes = std::fs::read(path).map_err(unreadable)?;
+        let value = load(&bytes)?;
+        let watched = Arc::new(Watched {
+            current: ArcSwap::from_pointee(value),
+        });
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(follow(
+                Arc::downgrade(&watched),
+                path.to_path_buf(),
+                stamp,
+                load,
+            ));
+        }
+        Ok(watched)
+    }
+
+    /// The current value.
+    pub fn get(&self) -> Arc<T> {
+        self.current.load_full()
+    }
+
+    /// Borrow the current value without touching its reference count (the hot path).
+    pub fn load(&self) -> arc_swap::Guard<Arc<T>> {
+        self.current.load()
+    }
+}
+
+async fn follow<T, F>(watched: Weak<Watched<T>>, path: PathBuf, mut stamp: Stamp, load: F)
+where
+    F: Fn(&[u8]) -> Result<T, String>,
+{
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(watched) = watched.upgrade() else {
+            return;
+        };
+        let path2 = path.clone();
+        let now = match tokio::task::spawn_blocking(move || Stamp::of(&path2)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                // Gone for a moment during a Secret swap, or removed: keep the last good value.
+                if stamp != Stamp::MISSING {
+                    tracing::warn!(file = %path.display(), error = %e, "watched file unreadable; keeping the last good value");
+                    stamp = Stamp::MISSING;
+                }
+                continue;
+            }
+            Err(_) => continue,
+        };
+        if now == stamp {
+            continue;
+        }
+        stamp = now;
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => match load(&bytes) {
+                Ok(value) => {
+                    watched.current.store(Arc::new(value));
+                    tracing::info!(file = %path.display(), "reloaded changed file");
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "changed file does not load; keeping the last good value");
+                }
+            },
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "changed file unreadable; keeping the last good value");
+            }
+        }
+    }
+}
+
+/// What tells one version of a file from the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+impl Stamp {
+    const MISSING: Stamp = Stamp {
+        modified: None,
+        len: u64::MAX,
+        inode: u64::MAX,
+    };
+
+    fn of(path: &Path) -> std::io::Result<Stamp> {
+        // `metadata` follows symlinks, so a Kubernetes `..data` swap shows as a new inode.
+        let meta = std::fs::metadata(path)?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Ok(Stamp {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+            inode,
+        })
+    }
+}
