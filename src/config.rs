@@ -321,7 +321,7 @@ impl Config {
     /// Checks what serde cannot: cross-references, ranges, exactly-one-of sources.
     /// Files and environment variables are read later, by the parts that use them.
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.server.listen == self.server.admin_listen {
+        if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
             return Err(self.err("server.admin_listen", "must differ from server.listen"));
         }
         if self.upstream.connect_timeout.is_zero() {
