@@ -299,6 +299,11 @@ impl Config {
             ConfigError::new(path, key, one_line(&e.into_inner().to_string()))
         })?;
         config.path = path.to_path_buf();
+        // An empty `[teams]` (every entry commented out, as in the shipped config) sets no
+        // rules; only a table that names teams restricts access.
+        if config.teams.as_ref().is_some_and(|t| t.is_empty()) {
+            config.teams = None;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -604,6 +609,17 @@ mod tests {
             Path::new("/etc/gw/keys/a.pem")
         );
         assert_eq!(c.resolve(Path::new("/abs.pem")), Path::new("/abs.pem"));
+    }
+
+    #[test]
+    fn an_empty_teams_table_sets_no_rules() {
+        let c = parse(&format!("{MINIMAL}\n[teams]\n")).unwrap();
+        assert!(c.teams.is_none());
+        let c = parse(&format!(
+            "{MINIMAL}\n[teams]\nbilling = {{ agents = [\"*\"] }}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.teams.unwrap().len(), 1);
     }
 
     #[test]

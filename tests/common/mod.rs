@@ -1,6 +1,6 @@
 //! The test harness: mock EU and NA Convocore regions on loopback, the real gateway on
 //! `127.0.0.1:0` in front of them, token minting with the fixture keys, and a small client.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,7 +39,8 @@ pub fn now() -> u64 {
 pub struct TestConfig {
     /// Lines added to `[server]`, and tables after it such as `[server.tls]`.
     pub server: String,
-    /// Lines added to `[upstream]`, e.g. `request_timeout = "300ms"`.
+    /// Lines added to `[upstream]`, e.g. `request_timeout = "300ms"` (overrides the harness's
+    /// default connect_timeout = 1s / request_timeout = 5s).
     pub upstream: String,
     /// `[routing]` body (default region, discover), without the agents table.
     pub routing: String,
@@ -111,6 +112,18 @@ secret_file = "{fixtures}/hmac_secret.txt"
 "#;
 
 impl TestConfig {
+    /// `[upstream]` lines: the test's own, plus short timeouts it did not set itself.
+    fn upstream_lines(&self) -> String {
+        let mut lines = self.upstream.clone();
+        if !lines.contains("connect_timeout") {
+            lines.push_str("\nconnect_timeout = \"1s\"");
+        }
+        if !lines.contains("request_timeout") {
+            lines.push_str("\nrequest_timeout = \"5s\"");
+        }
+        lines
+    }
+
     pub fn render(&self, eu: &str, na: &str, token_file: &Path) -> String {
         let fixtures = fixture("");
         let fixtures = fixtures.to_string_lossy();
@@ -129,8 +142,6 @@ shutdown_grace = "5s"
 
 [upstream]
 token_file = "{token}"
-connect_timeout = "1s"
-request_timeout = "5s"
 {upstream}
 
 [regions.eu]
@@ -165,7 +176,7 @@ level = "info"
 "#,
             token = token_file.display(),
             server = self.server,
-            upstream = self.upstream,
+            upstream = self.upstream_lines(),
             routing = self.routing,
             agents = self.agents,
             auth = self.auth,
