@@ -9,13 +9,35 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::app::App;
+use crate::config::valid_id;
 use crate::error::{error_response, ApiError};
+
+/// The scope a team JWT needs to purge cache entries.
+pub const PURGE_SCOPE: &str = "convocore-gateway:purge";
+const PURGE_PREFIX: &str = "/admin/cache/agents/";
 
 pub async fn handle<B>(
     app: Arc<App>,
     req: Request<B>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let response = match (req.method(), req.uri().path()) {
+    let path = req.uri().path();
+    if let Some(ids) = path.strip_prefix(PURGE_PREFIX) {
+        if let Some((agent, convo)) = ids.split_once("/convos/") {
+            let response = match purge(&app, &req, agent, convo).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let mut r = e.into_response();
+                    if r.status() == StatusCode::METHOD_NOT_ALLOWED {
+                        r.headers_mut()
+                            .insert(ALLOW, HeaderValue::from_static("DELETE"));
+                    }
+                    r
+                }
+            };
+            return Ok(response);
+        }
+    }
+    let response = match (req.method(), path) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#),
         (&Method::GET, "/readyz") => {
             if app.is_ready() {
@@ -37,6 +59,44 @@ pub async fn handle<B>(
         _ => error_response(StatusCode::NOT_FOUND, "no such admin route", None),
     };
     Ok(response)
+}
+
+/// `DELETE /admin/cache/agents/{agentId}/convos/{convoId}`: a team JWT with the purge scope
+/// drops every format of that conversation.
+async fn purge<B>(
+    app: &App,
+    req: &Request<B>,
+    agent: &str,
+    convo: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    if req.method() != Method::DELETE {
+        return Err(ApiError::MethodNotSupported);
+    }
+    if !valid_id(agent) || !valid_id(convo) {
+        return Err(ApiError::BadRequest(
+            "agentId and convoId must be 1 to 128 characters of A-Z a-z 0-9 _ -",
+        ));
+    }
+    let caller = app
+        .auth
+        .verify(req.headers())
+        .map_err(ApiError::Unauthorized)?;
+    if !caller.has_scope(PURGE_SCOPE) {
+        return Err(ApiError::Forbidden(format!(
+            "the token's scope does not hold {PURGE_SCOPE}"
+        )));
+    }
+    let purged = app.cache.purge(agent, convo).await;
+    tracing::info!(team = %caller.team, agent, convo, purged, "cache purge");
+    let body = serde_json::json!({
+        "success": true,
+        "message": format!("purged {purged} cache entries"),
+        "data": { "purged": purged },
+    });
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(r)
 }
 
 fn json(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

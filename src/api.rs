@@ -5,16 +5,17 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue, AGE};
 use http::{Request, Response};
 use http_body_util::Full;
 use tokio::time::Instant;
 
 use crate::app::App;
+use crate::cache::{Answer, CacheStatus, Failed, Mode};
 use crate::error::ApiError;
 use crate::route::{self, Export};
 use crate::routing::Route;
-use crate::upstream::{Fetched, X_REQUEST_ID};
+use crate::upstream::{Fetched, UpstreamError, X_REQUEST_ID};
 
 pub static X_CONVOCORE_REGION: HeaderName = HeaderName::from_static("x-convocore-region");
 pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -26,7 +27,7 @@ struct Record {
     team: Option<String>,
     export: Option<Export>,
     region: Option<usize>,
-    cache: Option<&'static str>,
+    cache: Option<CacheStatus>,
     upstream_ms: f64,
     error: Option<String>,
 }
@@ -59,8 +60,10 @@ pub async fn handle<B>(
     Ok(response)
 }
 
+/// The phases: parse (400/404/405), authenticate (401), authorize (403, before any cache
+/// lookup), then the cache, which goes upstream when it must.
 async fn export<B>(
-    app: &App,
+    app: &Arc<App>,
     req: &Request<B>,
     request_id: &HeaderValue,
     record: &mut Record,
@@ -74,15 +77,27 @@ async fn export<B>(
     record.team = Some(caller.team.clone());
     app.auth.authorize(&caller, &export.agent)?;
 
-    let (region, fetched) = fetch_routed(app, &export, request_id, record).await?;
-    record.cache = Some("miss");
-    Ok(respond(
-        app,
-        region,
-        fetched,
-        "MISS",
-        "convocore-gateway; fwd=miss",
-    ))
+    let mode = Mode::from_headers(req.headers());
+    let fetch = {
+        let app = app.clone();
+        let export = export.clone();
+        let request_id = request_id.clone();
+        move || async move { fetch_routed(&app, &export, &request_id).await }
+    };
+    let answer = app
+        .cache
+        .get(&export, mode, fetch)
+        .await
+        .map_err(|failed| {
+            record.region = Some(failed.region);
+            ApiError::Upstream(failed.error)
+        })?;
+    record.region = Some(answer.response.region);
+    record.cache = Some(answer.status);
+    if answer.went_upstream {
+        record.upstream_ms = ms(answer.response.elapsed);
+    }
+    Ok(respond(app, answer))
 }
 
 /// Fetches from the agent's region; for an agent of unknown region, asks the default region and
@@ -91,55 +106,58 @@ async fn fetch_routed(
     app: &App,
     export: &Export,
     request_id: &HeaderValue,
-    record: &mut Record,
-) -> Result<(usize, Fetched), ApiError> {
-    let regions = &app.upstream.regions;
+) -> Result<Fetched, Failed> {
+    let fetch = |region: usize| async move {
+        app.upstream
+            .fetch(region, export, request_id)
+            .await
+            .map_err(|error| Failed { region, error })
+    };
     match app.router.route(&export.agent).await {
-        Route::Region(i) => {
-            record.region = Some(i);
-            let fetched = app.upstream.fetch(&regions[i], export, request_id).await?;
-            record.upstream_ms += ms(fetched.elapsed);
-            Ok((i, fetched))
-        }
+        Route::Region(i) => fetch(i).await,
         Route::Discover => {
-            let mut first_404: Option<(usize, Fetched)> = None;
+            let mut first_404: Option<Fetched> = None;
+            let mut elapsed = std::time::Duration::ZERO;
             for &i in app.router.discovery_order() {
-                record.region = Some(i);
-                let fetched = app.upstream.fetch(&regions[i], export, request_id).await?;
-                record.upstream_ms += ms(fetched.elapsed);
+                let mut fetched = fetch(i).await?;
+                elapsed += fetched.elapsed;
+                fetched.elapsed = elapsed;
                 if fetched.status == http::StatusCode::NOT_FOUND {
-                    first_404.get_or_insert((i, fetched));
+                    first_404.get_or_insert(fetched);
                     continue;
                 }
                 if fetched.status.is_success() {
                     app.router.learn(&export.agent, i).await;
                 }
-                return Ok((i, fetched));
+                return Ok(fetched);
             }
             // No region knows the agent: answer with the default region's 404.
-            let (i, fetched) = first_404.ok_or(ApiError::Internal("no regions".into()))?;
-            record.region = Some(i);
-            Ok((i, fetched))
+            let mut fetched = first_404.ok_or(Failed {
+                region: app.router.default_region(),
+                error: UpstreamError::Protocol(Arc::new(std::io::Error::other("no regions"))),
+            })?;
+            fetched.elapsed = elapsed;
+            Ok(fetched)
         }
     }
 }
 
-fn respond(
-    app: &App,
-    region: usize,
-    fetched: Fetched,
-    x_cache: &'static str,
-    cache_status: &'static str,
-) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(fetched.body));
+fn respond(app: &App, answer: Answer) -> Response<Full<Bytes>> {
+    let fetched = &answer.response;
+    let mut response = Response::new(Full::new(fetched.body.clone()));
     *response.status_mut() = fetched.status;
     let headers = response.headers_mut();
-    headers.extend(fetched.headers);
-    if let Ok(v) = HeaderValue::from_str(&app.upstream.regions[region].name) {
-        headers.insert(&X_CONVOCORE_REGION, v);
+    for (name, value) in &fetched.headers {
+        headers.insert(name, value.clone());
     }
-    headers.insert(&X_CACHE, HeaderValue::from_static(x_cache));
-    headers.insert(&CACHE_STATUS, HeaderValue::from_static(cache_status));
+    if let Some(region) = app.upstream.regions.get(fetched.region) {
+        headers.insert(&X_CONVOCORE_REGION, region.header.clone());
+    }
+    headers.insert(&X_CACHE, answer.status.header());
+    if let Some(age) = answer.age {
+        headers.insert(AGE, HeaderValue::from(age));
+    }
+    headers.insert(&CACHE_STATUS, answer.cache_status);
     response
 }
 
@@ -174,7 +192,7 @@ fn access_log(app: &App, r: &Record, request_id: &HeaderValue, status: u16, star
         format = export.map(|e| e.format.as_str()).unwrap_or("-"),
         region,
         status,
-        cache = r.cache.unwrap_or("none"),
+        cache = r.cache.map(CacheStatus::label).unwrap_or("none"),
         duration_ms = ms(started.elapsed()),
         upstream_ms = r.upstream_ms,
         error = r.error.as_deref().unwrap_or(""),

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use http::HeaderValue;
 
 use crate::auth::Auth;
+use crate::cache::Cache;
 use crate::config::{Config, ConfigError};
 use crate::routing::Router;
 use crate::server::Tls;
@@ -15,6 +16,7 @@ pub struct App {
     pub auth: Auth,
     pub upstream: Upstream,
     pub router: Router,
+    pub cache: Cache,
     pub tls: Option<Tls>,
     shutting_down: AtomicBool,
     ids: RequestIds,
@@ -27,6 +29,7 @@ impl App {
         let auth = Auth::from_config(&config)?;
         let upstream = Upstream::from_config(&config)?;
         let router = Router::new(&config, &upstream);
+        let cache = Cache::new(&config.cache);
         let tls = match &config.server.tls {
             Some(tls) => Some(Tls::from_config(&config, tls)?),
             None => None,
@@ -36,6 +39,7 @@ impl App {
             auth,
             upstream,
             router,
+            cache,
             tls,
             shutting_down: AtomicBool::new(false),
             ids: RequestIds::new(),

@@ -26,7 +26,7 @@ use crate::config::{Config, ConfigError};
 use crate::route::{Export, Format};
 use crate::watch::Watched;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type SharedError = Arc<dyn std::error::Error + Send + Sync>;
 type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -35,16 +35,17 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const PASSED_HEADERS: [HeaderName; 4] =
     [CONTENT_TYPE, CONTENT_DISPOSITION, ETAG, LAST_MODIFIED];
 
-#[derive(Debug, thiserror::Error)]
+/// A failed exchange; cheap to clone, so one failure can answer every coalesced waiter.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     #[error("connect: {0}")]
-    Unreachable(#[source] BoxError),
+    Unreachable(#[source] SharedError),
     #[error("timed out")]
     Timeout,
     #[error("response body over max_response_bytes")]
     TooLarge,
     #[error("protocol: {0}")]
-    Protocol(#[source] BoxError),
+    Protocol(#[source] SharedError),
     #[error("token: {0}")]
     Token(String),
 }
@@ -62,6 +63,8 @@ impl UpstreamError {
 /// One Convocore region.
 pub struct Region {
     pub name: String,
+    /// `X-Convocore-Region`, built once.
+    pub header: HeaderValue,
     /// `https://eu-gcp-api.vg-stuff.com/v3`, without a trailing slash.
     base: String,
     /// `Bearer <shared token>`, marked sensitive; follows `token_file`.
@@ -77,7 +80,12 @@ pub struct Fetched {
     pub body: Bytes,
     /// False when Convocore said `Cache-Control: no-store` or `private`.
     pub storable: bool,
+    /// Time spent upstream (all discovery attempts included).
     pub elapsed: Duration,
+    /// When the response arrived: the cache's age is counted from here.
+    pub received: Instant,
+    /// The region that answered (an index into `Upstream::regions`).
+    pub region: usize,
 }
 
 pub struct Upstream {
@@ -126,6 +134,13 @@ impl Upstream {
                 )
             })?;
             regions.push(Region {
+                header: HeaderValue::from_str(name).map_err(|_| {
+                    ConfigError::new(
+                        &config.path,
+                        format!("regions.{name}"),
+                        "not a header value",
+                    )
+                })?,
                 name: name.clone(),
                 base: region.base_url.trim_end_matches('/').to_string(),
                 authorization,
@@ -152,10 +167,13 @@ impl Upstream {
     /// over `max_response_bytes` is an error, never truncated.
     pub async fn fetch(
         &self,
-        region: &Region,
+        region_index: usize,
         export: &Export,
         request_id: &HeaderValue,
     ) -> Result<Fetched, UpstreamError> {
+        let region = self.regions.get(region_index).ok_or_else(|| {
+            UpstreamError::Protocol(Arc::new(std::io::Error::other("no such region")))
+        })?;
         let uri = format!(
             "{}/agents/{}/convos/{}/export?format={}",
             region.base,
@@ -173,7 +191,7 @@ impl Upstream {
             .header(&X_REQUEST_ID, request_id.clone())
             .header(USER_AGENT, self.user_agent.clone())
             .body(Empty::new())
-            .map_err(|e| UpstreamError::Protocol(Box::new(e)))?;
+            .map_err(|e| UpstreamError::Protocol(Arc::new(e)))?;
 
         let started = Instant::now();
         let client = self.client.get();
@@ -181,9 +199,9 @@ impl Upstream {
         let exchange = async move {
             let response = client.request(request).await.map_err(|e| {
                 if e.is_connect() {
-                    UpstreamError::Unreachable(Box::new(e))
+                    UpstreamError::Unreachable(Arc::new(e))
                 } else {
-                    UpstreamError::Protocol(Box::new(e))
+                    UpstreamError::Protocol(Arc::new(e))
                 }
             })?;
             let (parts, body) = response.into_parts();
@@ -203,7 +221,7 @@ impl Upstream {
                     if e.is::<LengthLimitError>() {
                         UpstreamError::TooLarge
                     } else {
-                        UpstreamError::Protocol(e)
+                        UpstreamError::Protocol(Arc::from(e))
                     }
                 })?
                 .to_bytes();
@@ -235,6 +253,8 @@ impl Upstream {
             body,
             storable,
             elapsed: started.elapsed(),
+            received: Instant::now(),
+            region: region_index,
         })
     }
 }
