@@ -121,6 +121,8 @@ impl Auth {
         let token = bearer(headers)?;
         let header = jsonwebtoken::decode_header(token).map_err(|_| header_failure(token))?;
         if let Some(typ) = &header.typ {
+            // RFC 7515 §4.1.9: the `application/` prefix may be left out, and is equivalent.
+            let typ = strip_prefix_ignore_case(typ, "application/");
             if !typ.eq_ignore_ascii_case("JWT") && !typ.eq_ignore_ascii_case("at+jwt") {
                 return Err(AuthFailure::Malformed("typ must be JWT or at+jwt"));
             }
@@ -139,12 +141,10 @@ impl Auth {
                 if key.alg != header.alg {
                     continue;
                 }
-                // A token with a kid is tried only against keys with that kid (and keys that
-                // name none, as Envoy does); a token without one against every key of its alg.
-                if let (Some(want), Some(have)) = (&header.kid, &key.kid) {
-                    if want != have {
-                        continue;
-                    }
+                // A token with a kid is tried only against the key with that kid; one without,
+                // against every key of its alg.
+                if header.kid.is_some() && key.kid != header.kid {
+                    continue;
                 }
                 tried = true;
                 match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
@@ -217,6 +217,13 @@ impl Auth {
     }
 }
 
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> &'a str {
+    match s.get(..prefix.len()) {
+        Some(head) if head.eq_ignore_ascii_case(prefix) => &s[prefix.len()..],
+        _ => s,
+    }
+}
+
 fn bearer(headers: &HeaderMap) -> Result<&str, AuthFailure> {
     let mut values = headers.get_all(AUTHORIZATION).iter();
     let value = values.next().ok_or(AuthFailure::Missing)?;
@@ -246,6 +253,9 @@ fn bearer(headers: &HeaderMap) -> Result<&str, AuthFailure> {
 
 /// The header did not decode: say why without echoing it (the slow path; only for refusals).
 fn header_failure(token: &str) -> AuthFailure {
+    if token.split('.').count() != 3 {
+        return AuthFailure::Malformed("not a JWT (header.payload.signature, base64url JSON)");
+    }
     let alg = token
         .split('.')
         .next()
