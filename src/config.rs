@@ -288,7 +288,7 @@ impl Config {
     /// Parses and validates TOML text as if read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::parse(text)
-            .map_err(|e| ConfigError::new(path, "-", one_line(&e.to_string())))?;
+            .map_err(|e| ConfigError::new(path, "-", toml_message(text, &e)))?;
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let key = if key == "." || key.is_empty() {
@@ -296,7 +296,7 @@ impl Config {
             } else {
                 key
             };
-            ConfigError::new(path, key, one_line(&e.into_inner().to_string()))
+            ConfigError::new(path, key, toml_message(text, &e.into_inner()))
         })?;
         config.path = path.to_path_buf();
         // An empty `[teams]` (every entry commented out, as in the shipped config) sets no
@@ -489,13 +489,19 @@ fn check_base_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// toml's errors span several lines (a source excerpt); logs and terminals want one.
-fn one_line(s: &str) -> String {
-    s.split('\n')
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^'))
-        .collect::<Vec<_>>()
-        .join(" ")
+/// toml's `Display` quotes the offending source line, which may hold a secret pasted under a
+/// wrong key; say only what is wrong and where.
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            format!("{message} (line {line}, column {column})")
+        }
+        None => message,
+    }
 }
 
 #[cfg(test)]
@@ -620,6 +626,21 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.teams.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn errors_never_quote_the_source() {
+        let e = parse(&format!(
+            "{MINIMAL}\n[upstream2]\ntoken = \"s3cr3t-value\"\n"
+        ))
+        .unwrap_err();
+        assert!(!e.to_string().contains("s3cr3t-value"), "{e}");
+        assert!(e.message.contains("line"), "{e}");
+        let e = parse("[upstream]\ntoken = \"s3cr3t-value\"\n").unwrap_err();
+        assert_eq!(e.key, "upstream.token");
+        assert!(!e.to_string().contains("s3cr3t-value"), "{e}");
+        let e = parse("token = \"s3cr3t-value").unwrap_err();
+        assert!(!e.to_string().contains("s3cr3t-value"), "{e}");
     }
 
     #[test]

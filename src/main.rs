@@ -97,8 +97,8 @@ async fn run(path: &std::path::Path) -> Result<(), Failure> {
             ))
         })?;
     tracing::info!(
-        listen = %server.listen,
-        admin_listen = %server.admin_listen,
+        listen = %listeners.api.local_addr().map_err(|e| Failure::Other(e.to_string()))?,
+        admin_listen = %listeners.admin.local_addr().map_err(|e| Failure::Other(e.to_string()))?,
         tls = server.tls.is_some(),
         version = env!("CARGO_PKG_VERSION"),
         "convocore-gateway started"
