@@ -1,0 +1,900 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+use common::*;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use convocore_gateway::mock::{sample_csv, Faults, MockConvocore};
+use http::{Method, Request, Version};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Asserts a gateway-made 400 and that nothing reached either mock.
+async fn assert_bad_request(gw: &Gateway, path: &str) {
+    let before = gw.upstream_count();
+    let r = gw.get(path, &token("billing")).await;
+    assert_eq!(r.status, 400, "{path}: {}", r.text());
+    r.assert_error(400, "BAD_REQUEST");
+    assert!(r.header("x-request-id").is_some(), "{path}");
+    assert_eq!(gw.upstream_count(), before, "{path} reached upstream");
+}
+
+/// The exact body the mock sends for an error status (same serializer, same bytes).
+fn mock_error_body(code: &str, message: &str) -> String {
+    serde_json::json!({ "message": message, "code": code }).to_string()
+}
+
+/// A test CA and a `localhost` server certificate it signed: (ca_pem, cert_pem, key_pem).
+fn test_pki() -> (String, String, String) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "convocore-gateway test CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+    ];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let mut params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// A rustls client config trusting only `ca_pem`, with the given ALPN protocols.
+fn client_tls(ca_pem: &str) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth()
+}
+
+fn auth(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. 400 BAD_REQUEST, nothing sent upstream
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn bad_ids_are_400_and_never_reach_upstream() {
+    let gw = Gateway::start().await;
+    let long129 = "a".repeat(129);
+    for path in [
+        // dots
+        "/v3/agents/a.b/convos/c1/export".to_string(),
+        "/v3/agents/agent-eu/convos/c.1/export".to_string(),
+        // an escaped slash
+        "/v3/agents/a%2Fb/convos/c1/export".to_string(),
+        "/v3/agents/agent-eu/convos/c1%2F/export".to_string(),
+        // `..` as a segment
+        "/v3/agents/../convos/c1/export".to_string(),
+        "/v3/agents/agent-eu/convos/../export".to_string(),
+        // a slash inside an id (an extra segment)
+        "/v3/agents/a/b/convos/c1/export".to_string(),
+        // empty ids
+        "/v3/agents//convos/c1/export".to_string(),
+        "/v3/agents/agent-eu/convos//export".to_string(),
+        // 129 characters
+        format!("/v3/agents/{long129}/convos/c1/export"),
+        format!("/v3/agents/agent-eu/convos/{long129}/export"),
+        // percent-encoded unicode, and an escaped plain letter
+        "/v3/agents/agent-eu/convos/c%C3%A9/export".to_string(),
+        "/v3/agents/caf%C3%A9/convos/c1/export".to_string(),
+        "/v3/agents/agent%2Deu/convos/c1/export".to_string(),
+        // other punctuation
+        "/v3/agents/agent-eu/convos/c1~/export".to_string(),
+        "/v3/agents/agent+eu/convos/c1/export".to_string(),
+    ] {
+        assert_bad_request(&gw, &path).await;
+    }
+    assert_eq!(gw.upstream_count(), 0);
+}
+
+#[tokio::test]
+async fn ids_of_128_characters_reach_upstream() {
+    let gw = Gateway::start().await;
+    let long128 = "a".repeat(128);
+
+    // A 128-character convo id of a statically routed agent: one request, to the EU mock.
+    let path = format!("/v3/agents/agent-eu/convos/{long128}/export");
+    let r = gw.get(&path, &token("billing")).await;
+    assert_eq!(r.status, 404, "{}", r.text()); // the mock does not know that conversation
+    let seen = gw.eu.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, path);
+    assert_eq!(seen[0].query.as_deref(), Some("format=json"));
+
+    // A 128-character agent id (unmapped, so discovered): it reaches upstream too.
+    let path = format!("/v3/agents/{long128}/convos/c1/export");
+    let r = gw.get(&path, &token("billing")).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert!(gw.eu.requests().iter().any(|q| q.path == path));
+}
+
+#[tokio::test]
+async fn bad_queries_are_400_and_never_reach_upstream() {
+    let gw = Gateway::start().await;
+    for query in [
+        "format=xml",
+        "format=JSON",
+        "format=Csv",
+        "format=",
+        "format",
+        "format=json&format=json",
+        "format=json&format=csv",
+        "format=json&x=1",
+        "x=1&format=json",
+        "x=1",
+        "foo=bar",
+        "format=%6Ason",
+        "format=json&",
+        "&format=json",
+    ] {
+        let path = format!("{EXPORT_EU}?{query}");
+        assert_bad_request(&gw, &path).await;
+    }
+    assert_eq!(gw.upstream_count(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. 404 for other paths; 3. 405 on the route
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn other_paths_are_404() {
+    let gw = Gateway::start().await;
+    for path in [
+        "/",
+        "/v3",
+        "/v3/agents/agent-eu/convos/c1",
+        "/v3/agents/agent-eu/convos/c1/export/",
+        "/v3/agents/agent-eu/export",
+        "/v2/agents/agent-eu/convos/c1/export",
+        "/v3/agents/agent-eu/convos/c1/exports",
+        "/metrics",
+        "/healthz",
+    ] {
+        let r = gw.get(path, &token("billing")).await;
+        assert_eq!(r.status, 404, "{path}: {}", r.text());
+        r.assert_error(404, "NOT_FOUND");
+        assert!(r.header("x-request-id").is_some(), "{path}");
+    }
+    assert_eq!(gw.upstream_count(), 0);
+}
+
+#[tokio::test]
+async fn other_methods_on_the_route_are_405_with_allow_get() {
+    let gw = Gateway::start().await;
+    let bearer = auth(&token("billing"));
+    for method in [Method::POST, Method::PUT, Method::DELETE, Method::PATCH] {
+        let r = gw
+            .request(method.clone(), EXPORT_EU, &[("authorization", &bearer)])
+            .await;
+        assert_eq!(r.status, 405, "{method}: {}", r.text());
+        r.assert_error(405, "METHOD_NOT_SUPPORTED");
+        assert_eq!(r.header("allow"), Some("GET"), "{method}");
+    }
+    // HEAD has no body, but the status and Allow are the same.
+    let r = gw
+        .request(Method::HEAD, EXPORT_EU, &[("authorization", &bearer)])
+        .await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET"));
+    assert_eq!(gw.upstream_count(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. format
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn format_defaults_to_json_and_csv_passes_through_byte_for_byte() {
+    let gw = Gateway::start().await;
+    let tok = token("billing");
+
+    let r = gw.get(EXPORT_EU, &tok).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json; charset=utf-8")
+    );
+    let r = gw.get(&format!("{EXPORT_EU}?format=json"), &tok).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = gw.eu.requests();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        assert_eq!(s.path, "/v3/agents/agent-eu/convos/c1/export");
+        assert_eq!(s.query.as_deref(), Some("format=json"));
+    }
+
+    let r = gw.get(&format!("{EXPORT_EU}?format=csv"), &tok).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, Bytes::from(sample_csv("agent-eu", "c1", 1)));
+    assert_eq!(r.header("content-type"), Some("text/csv; charset=utf-8"));
+    assert_eq!(
+        r.header("content-disposition"),
+        Some("attachment; filename=\"c1.csv\"")
+    );
+    let seen = gw.eu.requests();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[2].query.as_deref(), Some("format=csv"));
+    assert!(seen[2].headers["accept"]
+        .to_str()
+        .unwrap()
+        .contains("text/csv"));
+    assert_eq!(gw.na.request_count(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. request headers sent upstream; 6. response headers passed back
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn only_the_contract_headers_go_upstream() {
+    let gw = Gateway::start().await;
+    let jwt = token("billing");
+    let bearer = auth(&jwt);
+    let r = gw
+        .request(
+            Method::GET,
+            EXPORT_EU,
+            &[
+                ("authorization", &bearer),
+                ("cookie", "session=caller-secret"),
+                ("x-forwarded-for", "203.0.113.7"),
+                ("forwarded", "for=203.0.113.7;proto=https"),
+                ("x-real-ip", "203.0.113.7"),
+                ("accept-encoding", "gzip, br"),
+                ("x-team-secret", "team-secret-value"),
+                ("x-request-id", "hdr-test-1"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let seen = gw.eu.requests();
+    assert_eq!(seen.len(), 1);
+    let h = &seen[0].headers;
+    assert_eq!(
+        h["authorization"],
+        format!("Bearer {UPSTREAM_TOKEN}").as_str()
+    );
+    assert_eq!(
+        h["user-agent"],
+        concat!("convocore-gateway/", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(h["accept"], "application/json");
+    assert_eq!(h["x-request-id"], "hdr-test-1");
+    assert_eq!(h["host"], gw.eu.addr().to_string().as_str());
+    assert_eq!(h.get_all("authorization").iter().count(), 1);
+
+    let names: BTreeSet<&str> = h.keys().map(|k| k.as_str()).collect();
+    let expected: BTreeSet<&str> = [
+        "accept",
+        "authorization",
+        "host",
+        "user-agent",
+        "x-request-id",
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(names, expected, "headers sent upstream: {h:?}");
+
+    for name in [
+        "cookie",
+        "x-forwarded-for",
+        "forwarded",
+        "x-real-ip",
+        "accept-encoding",
+        "x-team-secret",
+    ] {
+        assert!(h.get(name).is_none(), "{name} was forwarded");
+    }
+    for (name, value) in h {
+        let v = String::from_utf8_lossy(value.as_bytes());
+        assert!(!v.contains(&jwt), "caller JWT in upstream header {name}");
+        assert!(!v.contains("caller-secret"), "cookie in upstream {name}");
+        assert!(
+            !v.contains("team-secret-value"),
+            "secret in upstream {name}"
+        );
+        assert!(
+            !v.contains("203.0.113.7"),
+            "client address in upstream {name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn only_the_contract_headers_come_back() {
+    let gw = Gateway::start().await;
+    let r = gw.get(EXPORT_EU, &token("billing")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    for name in ["set-cookie", "x-powered-by"] {
+        assert!(r.header(name).is_none(), "{name} passed to the caller");
+    }
+    assert_ne!(r.header("server"), Some("convocore-mock"));
+    assert!(!r.text().contains("upstream-secret"));
+
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json; charset=utf-8")
+    );
+    assert_eq!(r.header("etag"), Some("\"eu-agent-eu-c1-json-v1\""));
+    assert_eq!(
+        r.header("last-modified"),
+        Some("Sun, 01 Dec 2024 10:30:02 GMT")
+    );
+    assert!(!r.header("x-request-id").unwrap_or("").is_empty());
+    assert_eq!(r.header("x-convocore-region"), Some("eu"));
+    let x_cache = r.header("x-cache").expect("x-cache");
+    assert!(
+        ["HIT", "MISS", "STALE", "BYPASS"].contains(&x_cache),
+        "{x_cache}"
+    );
+    let cache_status = r.header("cache-status").expect("cache-status");
+    assert!(
+        cache_status.starts_with("convocore-gateway;"),
+        "{cache_status}"
+    );
+
+    // Nothing else, beyond what the HTTP layer itself adds.
+    let allowed: BTreeSet<&str> = [
+        "content-type",
+        "content-disposition",
+        "etag",
+        "last-modified",
+        "x-request-id",
+        "x-convocore-region",
+        "x-cache",
+        "cache-status",
+        "age",
+        "content-length",
+        "date",
+    ]
+    .into_iter()
+    .collect();
+    for name in r.headers.keys() {
+        assert!(
+            allowed.contains(name.as_str()),
+            "unexpected response header {name}: {:?}",
+            r.headers
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. X-Request-Id
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn request_id_is_echoed_replaced_or_generated_and_sent_upstream() {
+    let gw = Gateway::start().await;
+    let bearer = auth(&token("billing"));
+
+    // A valid caller id: echoed and forwarded.
+    let r = gw
+        .request(
+            Method::GET,
+            EXPORT_EU,
+            &[("authorization", &bearer), ("x-request-id", "abc-123")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-request-id"), Some("abc-123"));
+    assert_eq!(
+        gw.eu.requests().last().unwrap().headers["x-request-id"],
+        "abc-123"
+    );
+
+    // 128 visible characters is still valid.
+    let max = "Z".repeat(128);
+    let r = gw
+        .request(
+            Method::GET,
+            EXPORT_EU,
+            &[("authorization", &bearer), ("x-request-id", &max)],
+        )
+        .await;
+    assert_eq!(r.header("x-request-id"), Some(max.as_str()));
+    assert_eq!(
+        gw.eu.requests().last().unwrap().headers["x-request-id"],
+        max.as_str()
+    );
+
+    // Invalid ids are replaced, and the replacement is what goes upstream.
+    let long = "a".repeat(129);
+    for bad in [long.as_str(), "abc 123", "id-é"] {
+        let before = gw.eu.request_count();
+        let r = gw
+            .request(
+                Method::GET,
+                EXPORT_EU,
+                &[("authorization", &bearer), ("x-request-id", bad)],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let id = r.header("x-request-id").expect("x-request-id").to_string();
+        assert_ne!(id, bad);
+        assert!(!id.is_empty() && id.len() <= 128, "{id:?}");
+        assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)), "{id:?}");
+        let seen = gw.eu.requests();
+        assert_eq!(seen.len(), before + 1);
+        assert_eq!(seen.last().unwrap().headers["x-request-id"], id.as_str());
+    }
+
+    // Absent: generated, unique per request, and forwarded.
+    let a = gw.get(EXPORT_EU, &token("billing")).await;
+    let id_a = a.header("x-request-id").expect("x-request-id").to_string();
+    assert_eq!(
+        gw.eu.requests().last().unwrap().headers["x-request-id"],
+        id_a.as_str()
+    );
+    let b = gw.get(EXPORT_EU, &token("billing")).await;
+    let id_b = b.header("x-request-id").expect("x-request-id").to_string();
+    assert_eq!(
+        gw.eu.requests().last().unwrap().headers["x-request-id"],
+        id_b.as_str()
+    );
+    assert!(!id_a.is_empty() && id_a.len() <= 128);
+    assert_ne!(id_a, id_b);
+
+    // Gateway-made errors carry one too.
+    let r = gw.get("/nope", &token("billing")).await;
+    assert!(!r.header("x-request-id").unwrap_or("").is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. routing
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn static_map_routes_to_its_region_only() {
+    let gw = Gateway::start().await;
+    let r = gw.get(EXPORT_NA, &token("billing")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-convocore-region"), Some("na"));
+    assert_eq!(r.json()["data"]["metadata"]["convo"]["agentId"], "agent-na");
+    assert_eq!(gw.eu.request_count(), 0);
+    let seen = gw.na.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/v3/agents/agent-na/convos/c1/export");
+
+    let r = gw.get(EXPORT_EU, &token("billing")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-convocore-region"), Some("eu"));
+    assert_eq!(gw.eu.request_count(), 1);
+    assert_eq!(gw.na.request_count(), 1);
+}
+
+#[tokio::test]
+async fn without_discovery_an_unmapped_agent_goes_to_the_default_region_only() {
+    let gw = Gateway::start_with(TestConfig {
+        routing: "default_region = \"eu\"\ndiscover = false\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let path = "/v3/agents/agent-na-unmapped/convos/c1/export";
+    for _ in 0..2 {
+        let r = gw.get(path, &token("billing")).await;
+        assert_eq!(r.status, 404, "{}", r.text());
+        assert_eq!(r.text(), mock_error_body("NOT_FOUND", "Agent not found"));
+        assert_eq!(r.header("x-convocore-region"), Some("eu"));
+    }
+    assert_eq!(gw.eu.request_count(), 2);
+    assert_eq!(gw.na.request_count(), 0);
+}
+
+#[tokio::test]
+async fn discovery_asks_the_default_region_then_the_others_and_remembers() {
+    let gw = Gateway::start().await;
+    let path = "/v3/agents/agent-na-unmapped/convos/c1/export";
+    let r = gw.get(path, &token("billing")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-convocore-region"), Some("na"));
+    assert_eq!(
+        r.json()["data"]["metadata"]["convo"]["agentId"],
+        "agent-na-unmapped"
+    );
+    let eu = gw.eu.requests();
+    assert_eq!(eu.len(), 1);
+    assert_eq!(eu[0].path, path);
+    let na = gw.na.requests();
+    assert_eq!(na.len(), 1);
+    assert_eq!(na[0].path, path);
+    // Both exchanges carry the same request id.
+    assert_eq!(eu[0].headers["x-request-id"], na[0].headers["x-request-id"]);
+
+    // Remembered: straight to NA, EU not asked again (another convo of the same agent, too).
+    let r = gw.get(path, &token("billing")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-convocore-region"), Some("na"));
+    let r = gw
+        .get(
+            "/v3/agents/agent-na-unmapped/convos/c2/export",
+            &token("billing"),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(gw.eu.request_count(), 1);
+    assert_eq!(gw.na.request_count(), 3);
+
+    // An unmapped agent the default region has: one request, to EU.
+    let r = gw
+        .get(
+            "/v3/agents/agent-eu-unmapped/convos/c1/export",
+            &token("billing"),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-convocore-region"), Some("eu"));
+    assert_eq!(gw.eu.request_count(), 2);
+    assert_eq!(gw.na.request_count(), 3);
+}
+
+#[tokio::test]
+async fn discovery_of_an_agent_no_region_knows_passes_the_404_through() {
+    let gw = Gateway::start().await;
+    let path = "/v3/agents/agent-nowhere/convos/c1/export";
+    let r = gw.get(path, &token("billing")).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.text(), mock_error_body("NOT_FOUND", "Agent not found"));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(gw.eu.request_count(), 1);
+    assert_eq!(gw.na.request_count(), 1);
+
+    // Not remembered: the next request asks both again.
+    let r = gw.get(path, &token("billing")).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(gw.eu.request_count(), 2);
+    assert_eq!(gw.na.request_count(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. upstream errors pass through
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn upstream_errors_pass_through_unchanged() {
+    let gw = Gateway::start().await;
+    for (status, code) in [
+        (500u16, "INTERNAL_SERVER_ERROR"),
+        (429, "TOO_MANY_REQUESTS"),
+        (403, "FORBIDDEN"),
+        (503, "SERVICE_UNAVAILABLE"),
+    ] {
+        gw.eu.set_faults(Faults {
+            status: Some(status),
+            ..Default::default()
+        });
+        let before = gw.eu.request_count();
+        let r = gw.get(EXPORT_EU, &token("billing")).await;
+        assert_eq!(r.status.as_u16(), status, "{}", r.text());
+        assert_eq!(r.text(), mock_error_body(code, "mock fault"), "{status}");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.header("x-convocore-region"), Some("eu"));
+        assert!(r.header("set-cookie").is_none());
+        assert_eq!(gw.eu.request_count(), before + 1);
+    }
+    assert_eq!(gw.na.request_count(), 0);
+
+    // An upstream 401 (its token refused) is the upstream's, not a gateway auth error.
+    gw.eu.set_faults(Faults::default());
+    gw.eu.set_token("something-else");
+    let r = gw.get(EXPORT_EU, &token("billing")).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.text(), mock_error_body("UNAUTHORIZED", "Invalid API key"));
+    assert!(!r.text().contains(UPSTREAM_TOKEN));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. timeout; 11. refused; 12. oversize
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn upstream_timeout_is_504() {
+    let gw = Gateway::start_with(TestConfig {
+        upstream: "request_timeout = \"300ms\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    gw.eu.set_faults(Faults {
+        delay: Duration::from_secs(3),
+        ..Default::default()
+    });
+    let started = std::time::Instant::now();
+    let r = gw.get(EXPORT_EU, &token("billing")).await;
+    let took = started.elapsed();
+    r.assert_error(504, "GATEWAY_TIMEOUT");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(took >= Duration::from_millis(250), "took {took:?}");
+    assert_eq!(gw.eu.request_count(), 1);
+    assert_eq!(gw.na.request_count(), 0);
+}
+
+#[tokio::test]
+async fn refused_connection_is_502() {
+    let mut gw = Gateway::start().await;
+    gw.eu.stop();
+    // The mock's accept loop is aborted asynchronously; let it close.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = gw.get(EXPORT_EU, &token("billing")).await;
+    r.assert_error(502, "BAD_GATEWAY");
+    assert!(!r.text().contains(UPSTREAM_TOKEN));
+    assert_eq!(gw.eu.request_count(), 0);
+    // The other region is unaffected.
+    let r = gw.get(EXPORT_NA, &token("billing")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[tokio::test]
+async fn oversize_bodies_are_502_never_truncated() {
+    let gw = Gateway::start_with(TestConfig {
+        upstream: "max_response_bytes = \"64KiB\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    for (size, chunked) in [
+        (200_000, false),
+        (200_000, true),
+        (65_537, false),
+        (65_537, true),
+    ] {
+        gw.eu.set_faults(Faults {
+            oversize: Some((size, chunked)),
+            ..Default::default()
+        });
+        let before = gw.eu.request_count();
+        let r = gw.get(EXPORT_EU, &token("billing")).await;
+        assert_eq!(r.status, 502, "{size} chunked={chunked}");
+        r.assert_error(502, "BAD_GATEWAY");
+        assert!(r.body.len() < 1024, "a partial body came through");
+        assert_eq!(gw.eu.request_count(), before + 1);
+    }
+    // At and under the limit: whole.
+    for (size, chunked) in [(65_536, false), (65_536, true), (60_000, true)] {
+        gw.eu.set_faults(Faults {
+            oversize: Some((size, chunked)),
+            ..Default::default()
+        });
+        let r = gw.get(EXPORT_EU, &token("billing")).await;
+        assert_eq!(r.status, 200, "{size} chunked={chunked}: {}", r.text());
+        assert_eq!(r.body.len(), size);
+        assert!(r.body.iter().all(|b| *b == b'x'));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 13. token file rotation
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn upstream_token_file_is_followed() {
+    let gw = Gateway::start().await;
+    let r = gw.get(EXPORT_EU, &token("billing")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let tmp = gw.dir.path().join("convocore-token.new");
+    std::fs::write(&tmp, "new-token\n").unwrap();
+    std::fs::rename(&tmp, gw.token_file()).unwrap();
+    gw.eu.set_token("new-token");
+
+    let jwt = token("billing");
+    let ok = eventually(Duration::from_secs(5), || {
+        let gw = &gw;
+        let jwt = jwt.clone();
+        async move { gw.get(EXPORT_EU, &jwt).await.status == 200 }
+    })
+    .await;
+    assert!(ok, "the new token was not picked up within 5s");
+    assert_eq!(
+        gw.eu.requests().last().unwrap().headers["authorization"],
+        "Bearer new-token"
+    );
+    // And it sticks.
+    let r = gw.get(EXPORT_EU, &token("billing")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        gw.eu.requests().last().unwrap().headers["authorization"],
+        "Bearer new-token"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 14. upstream over TLS with a private CA
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn upstream_over_tls_with_ca_file() {
+    let (ca_pem, cert_pem, key_pem) = test_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &ca_pem).unwrap();
+
+    let eu = MockConvocore::start_tls(
+        "eu",
+        UPSTREAM_TOKEN,
+        EU_AGENTS,
+        cert_pem.as_bytes(),
+        key_pem.as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert!(eu.base_url().starts_with("https://localhost:"));
+    let na = MockConvocore::start("na", UPSTREAM_TOKEN, NA_AGENTS)
+        .await
+        .unwrap();
+    let gw = Gateway::start_with_mocks(
+        TestConfig {
+            upstream: format!("ca_file = \"{}\"\n", ca_path.display()),
+            ..Default::default()
+        },
+        eu,
+        na,
+    )
+    .await;
+    let r = gw.get(EXPORT_EU, &token("billing")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-convocore-region"), Some("eu"));
+    let seen = gw.eu.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/v3/agents/agent-eu/convos/c1/export");
+    assert_eq!(
+        seen[0].headers["authorization"],
+        format!("Bearer {UPSTREAM_TOKEN}").as_str()
+    );
+    // Plain-HTTP regions still work next to the TLS one.
+    let r = gw.get(EXPORT_NA, &token("billing")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[tokio::test]
+async fn upstream_over_tls_without_ca_file_is_502() {
+    let (_ca_pem, cert_pem, key_pem) = test_pki();
+    let eu = MockConvocore::start_tls(
+        "eu",
+        UPSTREAM_TOKEN,
+        EU_AGENTS,
+        cert_pem.as_bytes(),
+        key_pem.as_bytes(),
+    )
+    .await
+    .unwrap();
+    let na = MockConvocore::start("na", UPSTREAM_TOKEN, NA_AGENTS)
+        .await
+        .unwrap();
+    let gw = Gateway::start_with_mocks(TestConfig::default(), eu, na).await;
+    let r = gw.get(EXPORT_EU, &token("billing")).await;
+    r.assert_error(502, "BAD_GATEWAY");
+    assert_eq!(gw.eu.request_count(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 15. h2c; 16. [server.tls] with ALPN
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn api_listener_speaks_h2c_with_prior_knowledge() {
+    let gw = Gateway::start().await;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    for _ in 0..2 {
+        let req = Request::get(gw.url(EXPORT_EU))
+            .header("authorization", auth(&token("billing")))
+            .header("x-request-id", "h2c-1")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.version(), Version::HTTP_2);
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-convocore-region"], "eu");
+        assert_eq!(resp.headers()["x-request-id"], "h2c-1");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["data"]["metadata"]["convo"]["id"], "c1");
+    }
+    assert_eq!(gw.eu.request_count(), 2);
+}
+
+#[tokio::test]
+async fn api_listener_serves_tls_with_h2_and_http11_by_alpn() {
+    let (ca_pem, cert_pem, key_pem) = test_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, &cert_pem).unwrap();
+    std::fs::write(&key_path, &key_pem).unwrap();
+    let gw = Gateway::start_with(TestConfig {
+        server: format!(
+            "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert_path.display(),
+            key_path.display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let url = format!("https://localhost:{}{EXPORT_EU}", gw.addr.port());
+
+    // h2 by ALPN.
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(client_tls(&ca_pem))
+        .https_only()
+        .enable_all_versions()
+        .build();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    let req = Request::get(&url)
+        .header("authorization", auth(&token("billing")))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), Version::HTTP_2);
+    assert_eq!(resp.headers()["x-convocore-region"], "eu");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["data"]["metadata"]["convo"]["id"], "c1");
+
+    // HTTP/1.1 when the client offers only that.
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(client_tls(&ca_pem))
+        .https_only()
+        .enable_http1()
+        .build();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    let req = Request::get(&url)
+        .header("authorization", auth(&token("billing")))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), Version::HTTP_11);
+    assert_eq!(gw.eu.request_count(), 2);
+
+    // Plain HTTP on the TLS listener gets no HTTP answer.
+    let plain: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::get(gw.url(EXPORT_EU))
+        .header("authorization", auth(&token("billing")))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(15), plain.request(req)).await;
+    assert!(
+        matches!(r, Ok(Err(_)) | Err(_)),
+        "plain HTTP was answered on the TLS listener"
+    );
+    assert_eq!(gw.eu.request_count(), 2);
+}
