@@ -8,13 +8,15 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderValue, CACHE_CONTROL};
 use http::{HeaderMap, StatusCode};
-use tokio::sync::watch;
+use tokio::sync::{watch, Mutex};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::config;
 use crate::route::{Export, Format};
@@ -101,13 +103,27 @@ pub struct Answer {
     pub age: Option<u64>,
     /// Whether this request itself went upstream (false for hits and for coalesced waiters).
     pub went_upstream: bool,
+    /// Whether this request waited for another request's fetch.
+    pub coalesced: bool,
 }
 
+/// A flight's outcome: the response and whether it was stored.
 type FlightResult = Result<(Arc<Fetched>, bool), Failed>;
+
+enum Joined {
+    /// Wait on this flight; `true` when this caller started it.
+    Flight(watch::Receiver<Option<FlightResult>>, bool),
+    /// A fresh entry appeared meanwhile.
+    Fresh(Arc<Fetched>, Duration),
+}
 
 pub struct Cache {
     store: Option<moka::future::Cache<Export, Arc<Fetched>>>,
+    /// Fetches in flight. An async mutex: a caller that finds no flight re-reads the store
+    /// while holding it, so a flight that completes in between is never started twice.
     flights: Arc<Mutex<HashMap<Export, watch::Receiver<Option<FlightResult>>>>>,
+    /// Bumped by every purge; a fetch that overlaps a purge does not keep what it stored.
+    purges: Arc<AtomicU64>,
     ttl: Duration,
     stale_if_error: Duration,
     stale_while_revalidate: Duration,
@@ -129,6 +145,7 @@ impl Cache {
         Cache {
             store,
             flights: Arc::new(Mutex::new(HashMap::new())),
+            purges: Arc::new(AtomicU64::new(0)),
             ttl: c.ttl,
             stale_if_error: c.stale_if_error,
             stale_while_revalidate: c.stale_while_revalidate,
@@ -155,6 +172,7 @@ impl Cache {
                 cache_status: HeaderValue::from_static("convocore-gateway; fwd=bypass"),
                 age: None,
                 went_upstream: true,
+                coalesced: false,
             });
         }
 
@@ -163,19 +181,12 @@ impl Cache {
             if let Some(entry) = store.get(key).await {
                 let age = Instant::now().saturating_duration_since(entry.received);
                 if age < self.ttl {
-                    let ttl = (self.ttl - age).as_secs();
-                    return Ok(Answer {
-                        cache_status: header(format!("convocore-gateway; hit; ttl={ttl}")),
-                        response: entry,
-                        status: CacheStatus::Hit,
-                        age: Some(age.as_secs()),
-                        went_upstream: false,
-                    });
+                    return Ok(self.hit(entry, age));
                 }
                 let past = age - self.ttl;
                 if past < self.stale_while_revalidate {
                     // Serve at once; one background refresh per key replaces the entry.
-                    self.join_or_start(key, fetch);
+                    let _ = self.join_or_start(key, fetch, true).await;
                     return Ok(Answer {
                         cache_status: header(format!(
                             "convocore-gateway; hit; ttl=-{}; detail=stale-while-revalidate",
@@ -185,6 +196,7 @@ impl Cache {
                         status: CacheStatus::Stale,
                         age: Some(age.as_secs()),
                         went_upstream: false,
+                        coalesced: false,
                     });
                 }
                 if past < self.stale_if_error {
@@ -193,7 +205,10 @@ impl Cache {
             }
         }
 
-        let (mut rx, leader) = self.join_or_start(key, fetch);
+        let (mut rx, leader) = match self.join_or_start(key, fetch, mode == Mode::Normal).await {
+            Joined::Flight(rx, leader) => (rx, leader),
+            Joined::Fresh(entry, age) => return Ok(self.hit(entry, age)),
+        };
         let result = match rx.wait_for(Option::is_some).await {
             Ok(r) => r.clone().unwrap_or_else(|| Err(lost())),
             Err(_) => Err(lost()),
@@ -243,19 +258,38 @@ impl Cache {
         }
     }
 
-    /// Joins the fetch in flight for `key`, or starts one (then `true`: this caller leads).
-    fn join_or_start<F, Fut>(
-        &self,
-        key: &Export,
-        fetch: F,
-    ) -> (watch::Receiver<Option<FlightResult>>, bool)
+    fn hit(&self, entry: Arc<Fetched>, age: Duration) -> Answer {
+        let ttl = self.ttl.saturating_sub(age).as_secs();
+        Answer {
+            cache_status: header(format!("convocore-gateway; hit; ttl={ttl}")),
+            response: entry,
+            status: CacheStatus::Hit,
+            age: Some(age.as_secs()),
+            went_upstream: false,
+            coalesced: false,
+        }
+    }
+
+    /// Joins the fetch in flight for `key`, or starts one (then this caller leads). With
+    /// `recheck`, a fresh entry stored since the caller looked is returned instead.
+    async fn join_or_start<F, Fut>(&self, key: &Export, fetch: F, recheck: bool) -> Joined
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
     {
-        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        let mut flights = self.flights.lock().await;
         if let Some(rx) = flights.get(key) {
-            return (rx.clone(), false);
+            return Joined::Flight(rx.clone(), false);
+        }
+        if let (true, Some(store)) = (recheck, &self.store) {
+            // A flight removes itself only after storing, so under this lock the store is
+            // current: what a just-finished flight stored is seen here.
+            if let Some(entry) = store.get(key).await {
+                let age = Instant::now().saturating_duration_since(entry.received);
+                if age < self.ttl {
+                    return Joined::Fresh(entry, age);
+                }
+            }
         }
         let (tx, rx) = watch::channel(None);
         flights.insert(key.clone(), rx.clone());
@@ -264,35 +298,46 @@ impl Cache {
         let future = fetch();
         let store = self.store.clone();
         let flights = self.flights.clone();
+        let purges = self.purges.clone();
+        let epoch = purges.load(Ordering::SeqCst);
         let key = key.clone();
         let max_entry_bytes = self.max_entry_bytes;
-        tokio::spawn(async move {
+        // The fetch carries the leading request's span, so its log lines name that request.
+        let task = async move {
             let result = future.await;
             let result = match result {
                 Ok(fetched) => {
                     let fetched = Arc::new(fetched);
-                    let storable = fetched.status == StatusCode::OK
-                        && fetched.storable
-                        && fetched.body.len() <= max_entry_bytes;
-                    if let (true, Some(store)) = (storable, &store) {
-                        store.insert(key.clone(), fetched.clone()).await;
+                    let mut stored = false;
+                    if let Some(store) = &store {
+                        if fetched.status == StatusCode::OK
+                            && fetched.storable
+                            && fetched.body.len() <= max_entry_bytes
+                        {
+                            store.insert(key.clone(), fetched.clone()).await;
+                            stored = true;
+                            // A purge since this fetch began must win over what it fetched.
+                            if purges.load(Ordering::SeqCst) != epoch {
+                                store.invalidate(&key).await;
+                                stored = false;
+                            }
+                        }
                     }
-                    Ok((fetched, storable && store.is_some()))
+                    Ok((fetched, stored))
                 }
                 Err(failed) => Err(failed),
             };
-            flights
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
+            flights.lock().await.remove(&key);
             let _ = tx.send(Some(result));
-        });
-        (rx, true)
+        };
+        tokio::spawn(task.instrument(tracing::Span::current()));
+        Joined::Flight(rx, true)
     }
 
     /// Drops every format of one conversation; returns how many entries there were.
     pub async fn purge(&self, agent: &str, convo: &str) -> usize {
         let Some(store) = &self.store else { return 0 };
+        self.purges.fetch_add(1, Ordering::SeqCst);
         let mut purged = 0;
         for format in [Format::Json, Format::Csv] {
             let key = Export {
@@ -366,6 +411,7 @@ fn miss(response: Arc<Fetched>, cache_status: &str, went_upstream: bool) -> Answ
         cache_status: header(cache_status.to_string()),
         age: None,
         went_upstream,
+        coalesced: !went_upstream,
     }
 }
 
@@ -388,6 +434,7 @@ fn stale_answer(
         status: CacheStatus::Stale,
         age: Some(age.as_secs()),
         went_upstream,
+        coalesced: !went_upstream,
     }
 }
 
