@@ -38,6 +38,21 @@ pub async fn handle<B>(
         }
     }
     let response = match (req.method(), path) {
+        (&Method::GET, "/metrics") => {
+            let (entries, bytes) = app.cache.usage().await;
+            app.metrics
+                .cache_entries
+                .set(i64::try_from(entries).unwrap_or(i64::MAX));
+            app.metrics
+                .cache_bytes
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            let mut r = Response::new(Full::new(Bytes::from(app.metrics.render())));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
         (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#),
         (&Method::GET, "/readyz") => {
             if app.is_ready() {
@@ -50,7 +65,7 @@ pub async fn handle<B>(
                 )
             }
         }
-        (_, "/healthz" | "/readyz") => {
+        (_, "/healthz" | "/readyz" | "/metrics") => {
             let mut r = ApiError::MethodNotSupported.into_response();
             r.headers_mut()
                 .insert(ALLOW, HeaderValue::from_static("GET"));

@@ -9,10 +9,12 @@ use http::header::{HeaderName, HeaderValue, AGE};
 use http::{Request, Response};
 use http_body_util::Full;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::app::App;
 use crate::cache::{Answer, CacheStatus, Failed, Mode};
 use crate::error::ApiError;
+use crate::metrics::InFlight;
 use crate::route::{self, Export};
 use crate::routing::Route;
 use crate::upstream::{Fetched, UpstreamError, X_REQUEST_ID};
@@ -38,11 +40,28 @@ pub async fn handle<B>(
     req: Request<B>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
+    let _inflight = InFlight::start(&app.metrics.inflight);
     let request_id = app.request_id(req.headers().get(&X_REQUEST_ID));
+    // Every log line during the request carries its id.
+    let span = tracing::info_span!("request", request_id = request_id.to_str().unwrap_or("-"));
     let mut record = Record::default();
-    let mut response = match export(&app, &req, &request_id, &mut record).await {
+    let result = export(&app, &req, &request_id, &mut record)
+        .instrument(span.clone())
+        .await;
+    let mut response = match result {
         Ok(r) => r,
         Err(e) => {
+            if let ApiError::Unauthorized(failure) = &e {
+                app.metrics
+                    .auth_failures
+                    .with_label_values(&[failure.reason()])
+                    .inc();
+            } else if let ApiError::Forbidden(_) = &e {
+                app.metrics
+                    .auth_failures
+                    .with_label_values(&["forbidden"])
+                    .inc();
+            }
             record.error = Some(error_chain(&e));
             e.into_response()
         }
@@ -50,13 +69,8 @@ pub async fn handle<B>(
     response
         .headers_mut()
         .insert(&X_REQUEST_ID, request_id.clone());
-    access_log(
-        &app,
-        &record,
-        &request_id,
-        response.status().as_u16(),
-        started,
-    );
+    let _entered = span.enter();
+    finish(&app, &record, &request_id, response.status(), started);
     Ok(response)
 }
 
@@ -90,10 +104,18 @@ async fn export<B>(
         .await
         .map_err(|failed| {
             record.region = Some(failed.region);
+            // The cache was consulted and could not answer.
+            record.cache = Some(match mode {
+                Mode::Bypass => CacheStatus::Bypass,
+                _ => CacheStatus::Miss,
+            });
             ApiError::Upstream(failed.error)
         })?;
     record.region = Some(answer.response.region);
     record.cache = Some(answer.status);
+    if answer.coalesced {
+        app.metrics.coalesced.inc();
+    }
     if answer.went_upstream {
         record.upstream_ms = ms(answer.response.elapsed);
     }
@@ -108,10 +130,22 @@ async fn fetch_routed(
     request_id: &HeaderValue,
 ) -> Result<Fetched, Failed> {
     let fetch = |region: usize| async move {
-        app.upstream
-            .fetch(region, export, request_id)
-            .await
-            .map_err(|error| Failed { region, error })
+        let started = Instant::now();
+        let result = app.upstream.fetch(region, export, request_id).await;
+        let name = app.region_name(region);
+        let status = match &result {
+            Ok(f) => f.status.as_str().to_string(),
+            Err(e) => e.label().to_string(),
+        };
+        app.metrics
+            .upstream_requests
+            .with_label_values(&[name, &status])
+            .inc();
+        app.metrics
+            .upstream_duration
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        result.map_err(|error| Failed { region, error })
     };
     match app.router.route(&export.agent).await {
         Route::Region(i) => fetch(i).await,
@@ -127,6 +161,7 @@ async fn fetch_routed(
                     continue;
                 }
                 if fetched.status.is_success() {
+                    tracing::info!(agent = %export.agent, region = app.region_name(i), "discovered the agent's region");
                     app.router.learn(&export.agent, i).await;
                 }
                 return Ok(fetched);
@@ -177,12 +212,33 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn access_log(app: &App, r: &Record, request_id: &HeaderValue, status: u16, started: Instant) {
+/// The end of every request: its metrics and its one access-log line.
+fn finish(
+    app: &App,
+    r: &Record,
+    request_id: &HeaderValue,
+    status: http::StatusCode,
+    started: Instant,
+) {
+    let elapsed = started.elapsed();
+    let region = r.region.map(|i| app.region_name(i)).unwrap_or("none");
+    let cache = r.cache.map(CacheStatus::label).unwrap_or("none");
+    let m = &app.metrics;
+    m.requests
+        .with_label_values(&[region, status.as_str(), cache])
+        .inc();
+    m.request_duration
+        .with_label_values(&[cache])
+        .observe(elapsed.as_secs_f64());
+    if let Some(team) = &r.team {
+        let label = if app.auth.is_configured_team(team) {
+            team.as_str()
+        } else {
+            "other"
+        };
+        m.team_requests.with_label_values(&[label]).inc();
+    }
     let export = r.export.as_ref();
-    let region = r
-        .region
-        .map(|i| app.upstream.regions[i].name.as_str())
-        .unwrap_or("none");
     tracing::info!(
         target: "access",
         request_id = request_id.to_str().unwrap_or("-"),
@@ -191,9 +247,9 @@ fn access_log(app: &App, r: &Record, request_id: &HeaderValue, status: u16, star
         convo = export.map(|e| e.convo.as_str()).unwrap_or("-"),
         format = export.map(|e| e.format.as_str()).unwrap_or("-"),
         region,
-        status,
-        cache = r.cache.map(CacheStatus::label).unwrap_or("none"),
-        duration_ms = ms(started.elapsed()),
+        status = status.as_u16(),
+        cache,
+        duration_ms = ms(elapsed),
         upstream_ms = r.upstream_ms,
         error = r.error.as_deref().unwrap_or(""),
         "request"

@@ -7,6 +7,7 @@ use http::HeaderValue;
 use crate::auth::Auth;
 use crate::cache::Cache;
 use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
 use crate::routing::Router;
 use crate::server::Tls;
 use crate::upstream::Upstream;
@@ -17,6 +18,7 @@ pub struct App {
     pub upstream: Upstream,
     pub router: Router,
     pub cache: Cache,
+    pub metrics: Metrics,
     pub tls: Option<Tls>,
     shutting_down: AtomicBool,
     ids: RequestIds,
@@ -30,6 +32,9 @@ impl App {
         let upstream = Upstream::from_config(&config)?;
         let router = Router::new(&config, &upstream);
         let cache = Cache::new(&config.cache);
+        let region_names: Vec<&str> = upstream.regions.iter().map(|r| r.name.as_str()).collect();
+        let metrics = Metrics::new(&region_names)
+            .map_err(|e| ConfigError::new(&config.path, "-", format!("metrics: {e}")))?;
         let tls = match &config.server.tls {
             Some(tls) => Some(Tls::from_config(&config, tls)?),
             None => None,
@@ -40,6 +45,7 @@ impl App {
             upstream,
             router,
             cache,
+            metrics,
             tls,
             shutting_down: AtomicBool::new(false),
             ids: RequestIds::new(),
@@ -54,6 +60,15 @@ impl App {
 
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    /// A region's name (its metric label), by index.
+    pub fn region_name(&self, region: usize) -> &str {
+        self.upstream
+            .regions
+            .get(region)
+            .map(|r| r.name.as_str())
+            .unwrap_or("none")
     }
 
     /// The caller's `X-Request-Id` when it is 1 to 128 visible ASCII characters, else a new one.

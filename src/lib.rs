@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod log;
+pub mod metrics;
 pub mod mock;
 pub mod route;
 pub mod routing;

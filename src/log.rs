@@ -25,7 +25,7 @@ pub fn init(format: LogFormat, level: &str) -> WorkerGuard {
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
-            .with_current_span(false)
+            .with_current_span(true)
             .with_span_list(false)
             .try_init(),
         LogFormat::Text => builder.with_ansi(false).try_init(),

@@ -1339,3 +1339,46 @@ async fn demo_prints_a_working_curl_line_and_stops_on_sigterm() {
         demo.stderr()
     );
 }
+
+/// Log lines written while a request is handled carry its request id (the request's span),
+/// even from the task that fetches for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn log_lines_during_a_request_carry_its_request_id() {
+    let (eu, na) = mocks().await;
+    let mut gw = Running::start(&eu, &na, |c| {
+        c.log = "format = \"json\"\nlevel = \"info\"\n".into();
+    })
+    .await;
+    let r = gw
+        .get(
+            "/v3/agents/agent-na-unmapped/convos/c1/export",
+            &[
+                ("x-request-id", "cli-span-1"),
+                ("authorization", &bearer(&token("team-a"))),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-convocore-region"), Some("na"));
+    let (stdout, _) = gw.stop_with("-TERM").await;
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let discovered = lines
+        .iter()
+        .find(|v| v["message"] == "discovered the agent's region")
+        .unwrap_or_else(|| panic!("no discovery line:\n{stdout}"));
+    assert_eq!(
+        discovered["span"]["request_id"], "cli-span-1",
+        "{discovered}"
+    );
+    assert_eq!(discovered["region"], "na");
+    let access = lines
+        .iter()
+        .find(|v| v["request_id"] == "cli-span-1")
+        .unwrap_or_else(|| panic!("no access line:\n{stdout}"));
+    assert_eq!(access["region"], "na");
+    assert_eq!(access["cache"], "miss");
+}

@@ -1,0 +1,206 @@
+//! Prometheus metrics: one registry owned by the app (never the crate's global), the
+//! contract's metrics with their fixed names, and `render()` for `GET /metrics`.
+//!
+//! Every label value comes from a bounded set: regions from the config plus `none`, HTTP
+//! status codes, the cache outcomes, configured teams plus `other`, the auth failure reasons.
+
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+/// Request durations: cache hits take tens of microseconds, misses are bounded by the 30 s
+/// default `request_timeout`; the buckets are dense below a millisecond and reach 30 s.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+/// Upstream exchanges: a loopback or in-region round trip is a few ms, a large export seconds.
+const UPSTREAM_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+pub const AUTH_REASONS: [&str; 9] = [
+    "missing",
+    "malformed",
+    "bad_signature",
+    "expired",
+    "not_yet_valid",
+    "issuer",
+    "audience",
+    "unknown_key",
+    "forbidden",
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub team_requests: IntCounterVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    pub auth_failures: IntCounterVec,
+    pub cache_entries: IntGauge,
+    pub cache_bytes: IntGauge,
+    pub coalesced: IntCounter,
+    pub inflight: IntGauge,
+    pub jwks_fetches: IntCounterVec,
+    pub jwks_last_success: Gauge,
+}
+
+impl Metrics {
+    pub fn new(regions: &[&str]) -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "convocore_gateway_requests_total",
+                "Export API requests by region, HTTP status and cache outcome.",
+            ),
+            &["region", "status", "cache"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "convocore_gateway_request_duration_seconds",
+                "Time from request to response, by cache outcome.",
+            )
+            .buckets(REQUEST_BUCKETS.to_vec()),
+            &["cache"],
+        )?;
+        let team_requests = IntCounterVec::new(
+            Opts::new(
+                "convocore_gateway_team_requests_total",
+                "Authenticated export requests by team (configured teams; other for the rest).",
+            ),
+            &["team"],
+        )?;
+        let upstream_requests = IntCounterVec::new(
+            Opts::new(
+                "convocore_gateway_upstream_requests_total",
+                "Requests sent to Convocore by region and HTTP status (or error, timeout).",
+            ),
+            &["region", "status"],
+        )?;
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "convocore_gateway_upstream_duration_seconds",
+                "Duration of Convocore exchanges, body included, by region.",
+            )
+            .buckets(UPSTREAM_BUCKETS.to_vec()),
+            &["region"],
+        )?;
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "convocore_gateway_auth_failures_total",
+                "Refused callers by reason.",
+            ),
+            &["reason"],
+        )?;
+        let cache_entries = IntGauge::new(
+            "convocore_gateway_cache_entries",
+            "Entries in the export cache.",
+        )?;
+        let cache_bytes = IntGauge::new(
+            "convocore_gateway_cache_bytes",
+            "Weighted bytes in the export cache (bodies plus per-entry overhead).",
+        )?;
+        let coalesced = IntCounter::new(
+            "convocore_gateway_coalesced_requests_total",
+            "Requests that waited for another request's upstream fetch instead of making their own.",
+        )?;
+        let inflight = IntGauge::new(
+            "convocore_gateway_inflight_requests",
+            "Export API requests being handled now.",
+        )?;
+        let jwks_fetches = IntCounterVec::new(
+            Opts::new(
+                "convocore_gateway_jwks_fetches_total",
+                "JWKS fetches by result.",
+            ),
+            &["result"],
+        )?;
+        let jwks_last_success = Gauge::new(
+            "convocore_gateway_jwks_last_success_timestamp_seconds",
+            "Unix time of the last successful JWKS fetch (0 if none).",
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "convocore_gateway_build_info",
+                "Build information; always 1.",
+            ),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        // Children that exist from the start, so dashboards and alerts see zeros, not gaps.
+        for reason in AUTH_REASONS {
+            auth_failures.with_label_values(&[reason]);
+        }
+        for result in ["ok", "error"] {
+            jwks_fetches.with_label_values(&[result]);
+        }
+        for region in regions {
+            upstream_duration.with_label_values(&[region]);
+        }
+
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(team_requests.clone()))?;
+        registry.register(Box::new(upstream_requests.clone()))?;
+        registry.register(Box::new(upstream_duration.clone()))?;
+        registry.register(Box::new(auth_failures.clone()))?;
+        registry.register(Box::new(cache_entries.clone()))?;
+        registry.register(Box::new(cache_bytes.clone()))?;
+        registry.register(Box::new(coalesced.clone()))?;
+        registry.register(Box::new(inflight.clone()))?;
+        registry.register(Box::new(jwks_fetches.clone()))?;
+        registry.register(Box::new(jwks_last_success.clone()))?;
+        registry.register(Box::new(build_info))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+
+        Ok(Metrics {
+            registry,
+            requests,
+            request_duration,
+            team_requests,
+            upstream_requests,
+            upstream_duration,
+            auth_failures,
+            cache_entries,
+            cache_bytes,
+            coalesced,
+            inflight,
+            jwks_fetches,
+            jwks_last_success,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+/// Decrements the in-flight gauge when the request ends, however it ends.
+pub struct InFlight<'a>(&'a IntGauge);
+
+impl<'a> InFlight<'a> {
+    pub fn start(gauge: &'a IntGauge) -> Self {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
