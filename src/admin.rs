@@ -95,6 +95,7 @@ async fn purge<B>(
     let caller = app
         .auth
         .verify(req.headers())
+        .await
         .map_err(ApiError::Unauthorized)?;
     if !caller.has_scope(PURGE_SCOPE) {
         return Err(ApiError::Forbidden(format!(

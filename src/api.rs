@@ -87,6 +87,7 @@ async fn export<B>(
     let caller = app
         .auth
         .verify(req.headers())
+        .await
         .map_err(ApiError::Unauthorized)?;
     record.team = Some(caller.team.clone());
     app.auth.authorize(&caller, &export.agent)?;

@@ -28,13 +28,13 @@ impl App {
     /// Loads every key, token and certificate the config names; file sources are followed
     /// from then on, so this must run inside the tokio runtime.
     pub fn build(config: Config) -> Result<App, ConfigError> {
-        let auth = Auth::from_config(&config)?;
-        let upstream = Upstream::from_config(&config)?;
-        let router = Router::new(&config, &upstream);
-        let cache = Cache::new(&config.cache);
-        let region_names: Vec<&str> = upstream.regions.iter().map(|r| r.name.as_str()).collect();
+        let region_names: Vec<&str> = config.regions.keys().map(String::as_str).collect();
         let metrics = Metrics::new(&region_names)
             .map_err(|e| ConfigError::new(&config.path, "-", format!("metrics: {e}")))?;
+        let upstream = Upstream::from_config(&config)?;
+        let auth = Auth::from_config(&config, upstream.client(), &metrics.jwks())?;
+        let router = Router::new(&config, &upstream);
+        let cache = Cache::new(&config.cache);
         let tls = match &config.server.tls {
             Some(tls) => Some(Tls::from_config(&config, tls)?),
             None => None,
@@ -52,10 +52,10 @@ impl App {
         })
     }
 
-    /// `/readyz`: config, keys and tokens are loaded by construction; not ready once shutdown
-    /// has begun.
+    /// `/readyz`: config, files and tokens are loaded by construction; every `jwks_url` must
+    /// have been fetched and be within `max_stale`; not ready once shutdown has begun.
     pub fn is_ready(&self) -> bool {
-        !self.shutting_down.load(Ordering::Relaxed)
+        !self.shutting_down.load(Ordering::Relaxed) && self.auth.ready()
     }
 
     pub fn begin_shutdown(&self) {

@@ -2,18 +2,24 @@
 //! against the configured keys, each pinned to one algorithm; then the `[teams]` rules.
 
 use std::collections::{BTreeMap, HashSet};
-use std::str::FromStr;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
-use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
-use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, Validation};
 
-use crate::config::{self, Config, ConfigError};
+use crate::config::{Config, ConfigError};
 use crate::error::{ApiError, AuthFailure};
+use crate::jwks::JwksMetrics;
+use crate::keys::{load_source, Source};
+use crate::upstream::HttpClient;
 use crate::watch::Watched;
+
+/// Verified tokens remembered at once, and for how long at most (never past a token's `exp`).
+const VERIFIED_CAPACITY: u64 = 100_000;
+const VERIFIED_TTL: Duration = Duration::from_secs(60);
 
 /// The longest bearer token accepted; anything longer is refused before any decoding.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -32,17 +38,13 @@ impl Caller {
     }
 }
 
-/// One verification key, pinned to one algorithm.
-pub struct Key {
-    kid: Option<String>,
-    alg: Algorithm,
-    decoding: DecodingKey,
-}
-
-/// Keys from one `[[auth.keys]]` entry; a file source follows its file.
-struct Source {
-    describe: String,
-    keys: Arc<Watched<Vec<Key>>>,
+/// A token that verified: who it names, until when, and by which key source (at which
+/// version of its keys), so a rotation or an expired JWKS stops it at once.
+struct Verified {
+    caller: Arc<Caller>,
+    exp: u64,
+    source: usize,
+    version: u64,
 }
 
 /// What a team may read; `None` means every agent.
@@ -54,6 +56,9 @@ enum Agents {
 
 pub struct Auth {
     sources: Vec<Source>,
+    /// Tokens that verified, keyed by their SHA-256 (never the token itself). Only successes
+    /// are kept, so a flood of invalid tokens adds nothing.
+    verified: moka::future::Cache<[u8; 32], Arc<Verified>>,
     /// Per algorithm: exp required, nbf checked, iss/aud when configured, leeway.
     validation: Validation,
     team_claim: String,
@@ -62,11 +67,15 @@ pub struct Auth {
 
 impl Auth {
     /// Loads every key (files are then followed for changes). Errors name the key entry.
-    pub fn from_config(config: &Config) -> Result<Auth, ConfigError> {
+    pub fn from_config(
+        config: &Config,
+        client: &Arc<Watched<HttpClient>>,
+        metrics: &JwksMetrics,
+    ) -> Result<Auth, ConfigError> {
         let auth = &config.auth;
         let mut sources = Vec::with_capacity(auth.keys.len());
         for (i, spec) in auth.keys.iter().enumerate() {
-            sources.push(load_source(config, i, spec)?);
+            sources.push(load_source(config, i, spec, client, metrics)?);
         }
         let mut validation = Validation::new(Algorithm::RS256);
         validation.algorithms = Vec::new();
@@ -102,6 +111,10 @@ impl Auth {
         });
         Ok(Auth {
             sources,
+            verified: moka::future::Cache::builder()
+                .max_capacity(VERIFIED_CAPACITY)
+                .time_to_live(VERIFIED_TTL)
+                .build(),
             validation,
             team_claim: auth.team_claim.clone(),
             teams,
@@ -116,9 +129,60 @@ impl Auth {
             .collect()
     }
 
-    /// Verifies the bearer token in `headers` and names the calling team.
-    pub fn verify(&self, headers: &HeaderMap) -> Result<Caller, AuthFailure> {
+    /// Whether every `jwks_url` source has keys fresh enough to verify with.
+    pub fn ready(&self) -> bool {
+        self.sources.iter().all(Source::usable)
+    }
+
+    /// Verifies the bearer token in `headers` and names the calling team. A token seen before
+    /// costs a hash and a lookup; a new one, a signature check.
+    pub async fn verify(&self, headers: &HeaderMap) -> Result<Arc<Caller>, AuthFailure> {
         let token = bearer(headers)?;
+        let digest = digest(token);
+        if let Some(hit) = self.verified.get(&digest).await {
+            if self.still_valid(&hit) {
+                return Ok(hit.caller.clone());
+            }
+            self.verified.invalidate(&digest).await;
+        }
+        let verified = match self.verify_token(token) {
+            Err(AuthFailure::UnknownKey) if self.refetch_for_unknown_kid().await => {
+                self.verify_token(token)?
+            }
+            other => other?,
+        };
+        let verified = Arc::new(verified);
+        let caller = verified.caller.clone();
+        self.verified.insert(digest, verified).await;
+        Ok(caller)
+    }
+
+    /// A cached verification holds until the token's `exp`, while the key source that verified
+    /// it is unchanged and usable.
+    fn still_valid(&self, v: &Verified) -> bool {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(u64::MAX);
+        now < v.exp
+            && self
+                .sources
+                .get(v.source)
+                .is_some_and(|s| s.keys.version() == v.version && s.usable())
+    }
+
+    /// Asks every `jwks_url` source for an early refetch (rate-limited); whether any happened.
+    async fn refetch_for_unknown_kid(&self) -> bool {
+        let mut refetched = false;
+        for source in &self.sources {
+            if let Some(remote) = &source.remote {
+                refetched |= remote.refetch_for_unknown_kid().await;
+            }
+        }
+        refetched
+    }
+
+    fn verify_token(&self, token: &str) -> Result<Verified, AuthFailure> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| header_failure(token))?;
         if let Some(typ) = &header.typ {
             // RFC 7515 §4.1.9: the `application/` prefix may be left out, and is equivalent.
@@ -135,7 +199,11 @@ impl Auth {
         let mut validation = self.validation.clone();
         validation.algorithms = vec![header.alg];
         let mut tried = false;
-        for source in &self.sources {
+        for (index, source) in self.sources.iter().enumerate() {
+            if !source.usable() {
+                continue;
+            }
+            let version = source.keys.version();
             let keys = source.keys.load();
             for key in keys.iter() {
                 if key.alg != header.alg {
@@ -152,7 +220,19 @@ impl Auth {
                     &key.decoding,
                     &validation,
                 ) {
-                    Ok(data) => return self.caller(data.claims),
+                    Ok(data) => {
+                        let exp = data
+                            .claims
+                            .get("exp")
+                            .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f as u64)))
+                            .unwrap_or(0);
+                        return Ok(Verified {
+                            caller: Arc::new(self.caller(data.claims)?),
+                            exp,
+                            source: index,
+                            version,
+                        });
+                    }
                     Err(e) => {
                         if let Some(failure) = claim_failure(e.kind()) {
                             return Err(failure);
@@ -275,6 +355,14 @@ fn header_failure(token: &str) -> AuthFailure {
     }
 }
 
+/// SHA-256 of the token: the verified-token cache's key, so tokens are never held in memory.
+fn digest(token: &str) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
 /// Errors after the signature verified (or of the token's shape); `None` for a signature that
 /// does not verify with this key, so the next key is tried.
 fn claim_failure(kind: &jsonwebtoken::errors::ErrorKind) -> Option<AuthFailure> {
@@ -299,229 +387,6 @@ fn claim_failure(kind: &jsonwebtoken::errors::ErrorKind) -> Option<AuthFailure> 
         }
         _ => AuthFailure::Malformed("not a JWT (header.payload.signature, base64url JSON)"),
     })
-}
-
-fn parse_alg(config: &Config, at: &str, alg: &str) -> Result<Algorithm, ConfigError> {
-    Algorithm::from_str(alg).map_err(|_| {
-        ConfigError::new(
-            &config.path,
-            format!("{at}.algorithm"),
-            format!(
-                "{alg:?} is not one of HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA"
-            ),
-        )
-    })
-}
-
-/// RFC 8725 §3.5: an HMAC secret at least as long as the hash.
-fn min_secret_len(alg: Algorithm) -> usize {
-    match alg {
-        Algorithm::HS384 => 48,
-        Algorithm::HS512 => 64,
-        _ => 32,
-    }
-}
-
-fn load_source(config: &Config, i: usize, spec: &config::Key) -> Result<Source, ConfigError> {
-    let at = format!("auth.keys[{i}]");
-    let kid = spec.kid.clone();
-    let alg = match &spec.algorithm {
-        Some(a) => Some(parse_alg(config, &at, a)?),
-        None => None,
-    };
-    let err = |key: &str, msg: String| ConfigError::new(&config.path, format!("{at}.{key}"), msg);
-    let kid_note = kid
-        .as_deref()
-        .map(|k| format!(", kid {k}"))
-        .unwrap_or_default();
-
-    if let Some(file) = &spec.public_key_file {
-        let alg = alg.ok_or_else(|| err("algorithm", "required".into()))?;
-        if alg.family() == AlgorithmFamily::Hmac {
-            return Err(err(
-                "public_key_file",
-                format!("{alg:?} is an HMAC algorithm; use secret_env or secret_file"),
-            ));
-        }
-        let path = config.resolve(file);
-        let keys = Watched::file(&path, move |pem| {
-            let decoding = match alg.family() {
-                AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(pem),
-                AlgorithmFamily::Ec => DecodingKey::from_ec_pem(pem),
-                AlgorithmFamily::Ed => DecodingKey::from_ed_pem(pem),
-                AlgorithmFamily::Hmac => unreachable_hmac(),
-            }
-            .map_err(|e| format!("not a {alg:?} public key in PEM: {e}"))?;
-            Ok(vec![Key {
-                kid: kid.clone(),
-                alg,
-                decoding,
-            }])
-        })
-        .map_err(|m| err("public_key_file", m))?;
-        return Ok(Source {
-            describe: format!("public_key_file {} ({alg:?}{kid_note})", path.display()),
-            keys,
-        });
-    }
-
-    if spec.secret_env.is_some() || spec.secret_file.is_some() {
-        let alg = alg.ok_or_else(|| err("algorithm", "required".into()))?;
-        let field = if spec.secret_env.is_some() {
-            "secret_env"
-        } else {
-            "secret_file"
-        };
-        if alg.family() != AlgorithmFamily::Hmac {
-            return Err(err(
-                field,
-                format!("{alg:?} is not an HMAC algorithm; use public_key_file"),
-            ));
-        }
-        let make = move |secret: &[u8]| -> Result<Vec<Key>, String> {
-            let secret = trim_newline(secret);
-            if secret.len() < min_secret_len(alg) {
-                return Err(format!(
-                    "the {alg:?} secret must be at least {} bytes (it has {})",
-                    min_secret_len(alg),
-                    secret.len()
-                ));
-            }
-            Ok(vec![Key {
-                kid: kid.clone(),
-                alg,
-                decoding: DecodingKey::from_secret(secret),
-            }])
-        };
-        if let Some(var) = &spec.secret_env {
-            let value = std::env::var(var).map_err(|_| {
-                err(
-                    "secret_env",
-                    format!("environment variable {var} is not set"),
-                )
-            })?;
-            let keys = make(value.as_bytes()).map_err(|m| err("secret_env", m))?;
-            return Ok(Source {
-                describe: format!("secret_env {var} ({alg:?}{kid_note})"),
-                keys: Watched::fixed(keys),
-            });
-        }
-        if let Some(file) = &spec.secret_file {
-            let path = config.resolve(file);
-            let keys = Watched::file(&path, make).map_err(|m| err("secret_file", m))?;
-            return Ok(Source {
-                describe: format!("secret_file {} ({alg:?}{kid_note})", path.display()),
-                keys,
-            });
-        }
-    }
-
-    if let Some(file) = &spec.jwks_file {
-        let path = config.resolve(file);
-        let shown = path.display().to_string();
-        let keys = Watched::file(&path, move |json| parse_jwks(json, alg, &shown))
-            .map_err(|m| err("jwks_file", m))?;
-        return Ok(Source {
-            describe: format!("jwks_file {}", path.display()),
-            keys,
-        });
-    }
-
-    Err(err("-", "no usable key source".into()))
-}
-
-fn unreachable_hmac() -> Result<DecodingKey, jsonwebtoken::errors::Error> {
-    Err(jsonwebtoken::errors::ErrorKind::InvalidKeyFormat.into())
-}
-
-fn trim_newline(s: &[u8]) -> &[u8] {
-    let s = s.strip_suffix(b"\n").unwrap_or(s);
-    s.strip_suffix(b"\r").unwrap_or(s)
-}
-
-/// A JWKS document to keys. Keys that cannot be used (encryption keys, unknown types or
-/// algorithms, no algorithm at all) are skipped with a warning; a document with no usable key
-/// is an error.
-pub fn parse_jwks(
-    json: &[u8],
-    pinned: Option<Algorithm>,
-    origin: &str,
-) -> Result<Vec<Key>, String> {
-    #[derive(serde::Deserialize)]
-    struct Set {
-        keys: Vec<serde_json::Value>,
-    }
-    let set: Set = serde_json::from_slice(json)
-        .map_err(|e| format!("{origin} is not a JWKS document: {e}"))?;
-    let mut keys = Vec::new();
-    for (i, raw) in set.keys.into_iter().enumerate() {
-        let jwk: Jwk = match serde_json::from_value(raw) {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::warn!(origin, index = i, error = %e, "skipping a JWK of an unsupported type");
-                continue;
-            }
-        };
-        let kid = jwk.common.key_id.clone();
-        if matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature) {
-            tracing::warn!(
-                origin,
-                kid = kid.as_deref().unwrap_or("-"),
-                "skipping a JWK whose use is not sig"
-            );
-            continue;
-        }
-        let own = jwk
-            .common
-            .key_algorithm
-            .map(|a| Algorithm::from_str(&a.to_string()));
-        let alg = match (own, pinned) {
-            (Some(Ok(own)), Some(pinned)) if own != pinned => {
-                tracing::warn!(
-                    origin,
-                    kid = kid.as_deref().unwrap_or("-"),
-                    "skipping a JWK whose alg differs from the configured algorithm"
-                );
-                continue;
-            }
-            (Some(Ok(own)), _) => own,
-            (None, Some(pinned)) => pinned,
-            (Some(Err(_)), _) | (None, None) => {
-                tracing::warn!(origin, kid = kid.as_deref().unwrap_or("-"), "skipping a JWK with no usable alg (set alg in the JWK or algorithm in the config)");
-                continue;
-            }
-        };
-        let decoding = match DecodingKey::from_jwk(&jwk) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(origin, kid = kid.as_deref().unwrap_or("-"), error = %e, "skipping an unusable JWK");
-                continue;
-            }
-        };
-        if decoding.family() != alg.family() {
-            tracing::warn!(
-                origin,
-                kid = kid.as_deref().unwrap_or("-"),
-                "skipping a JWK whose key type does not fit its alg"
-            );
-            continue;
-        }
-        if alg.family() == AlgorithmFamily::Hmac
-            && decoding.try_get_as_bytes().map(|b| b.len()).unwrap_or(0) < min_secret_len(alg)
-        {
-            tracing::warn!(
-                origin,
-                kid = kid.as_deref().unwrap_or("-"),
-                "skipping an HMAC JWK shorter than its hash"
-            );
-            continue;
-        }
-        keys.push(Key { kid, alg, decoding });
-    }
-    if keys.is_empty() {
-        return Err(format!("{origin} holds no usable signing key"));
-    }
-    Ok(keys)
 }
 
 #[cfg(test)]

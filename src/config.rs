@@ -437,11 +437,20 @@ impl Config {
                     "refresh and max_stale apply to jwks_url keys only",
                 ));
             }
-            if let Some(url) = &key.jwks_url {
+            if jwks && key.kid.is_some() {
                 return Err(self.err(
-                    format!("{at}.jwks_url"),
-                    format!("jwks_url ({url}) is not supported by this build yet; use jwks_file"),
+                    format!("{at}.kid"),
+                    "a JWKS names its own kids; kid applies to single keys only",
                 ));
+            }
+            if let Some(url) = &key.jwks_url {
+                check_jwks_url(url).map_err(|m| self.err(format!("{at}.jwks_url"), m))?;
+            }
+            if key.refresh.is_some_and(|r| r.is_zero()) {
+                return Err(self.err(format!("{at}.refresh"), "must be greater than 0"));
+            }
+            if key.max_stale.is_some_and(|r| r.is_zero()) {
+                return Err(self.err(format!("{at}.max_stale"), "must be greater than 0"));
             }
         }
         if let Some(teams) = &self.teams {
@@ -487,6 +496,19 @@ fn check_base_url(url: &str) -> Result<(), String> {
         return Err(format!("{url:?} must not have a query"));
     }
     Ok(())
+}
+
+/// JWKS URLs are HTTPS; plain HTTP only on loopback (a local sidecar IdP, tests).
+fn check_jwks_url(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let host = uri.host().ok_or_else(|| format!("{url:?} has no host"))?;
+    match uri.scheme_str() {
+        Some("https") => Ok(()),
+        Some("http") if host == "localhost" || host == "127.0.0.1" || host == "[::1]" => Ok(()),
+        _ => Err(format!("{url:?} must be an https:// URL")),
+    }
 }
 
 /// toml's `Display` quotes the offending source line, which may hold a secret pasted under a

@@ -11,6 +11,8 @@ pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod jwks;
+pub mod keys;
 pub mod log;
 pub mod metrics;
 pub mod mock;

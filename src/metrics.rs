@@ -179,6 +179,14 @@ impl Metrics {
         })
     }
 
+    /// The JWKS fetch metrics, for the key sources.
+    pub fn jwks(&self) -> crate::jwks::JwksMetrics {
+        crate::jwks::JwksMetrics {
+            fetches: self.jwks_fetches.clone(),
+            last_success: self.jwks_last_success.clone(),
+        }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);

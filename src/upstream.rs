@@ -27,7 +27,8 @@ use crate::route::{Export, Format};
 use crate::watch::Watched;
 
 pub type SharedError = Arc<dyn std::error::Error + Send + Sync>;
-type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+/// The pooled rustls client, shared by the upstream and the JWKS fetches.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -156,6 +157,11 @@ impl Upstream {
                 env!("CARGO_PKG_VERSION")
             )),
         })
+    }
+
+    /// The client (it follows `upstream.ca_file`), for other outbound HTTPS calls.
+    pub fn client(&self) -> &Arc<Watched<HttpClient>> {
+        &self.client
     }
 
     pub fn region_index(&self, name: &str) -> Option<usize> {

@@ -7,6 +7,7 @@
 //! and logs a warning: a half-written Secret must not take the gateway down.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -15,9 +16,12 @@ use arc_swap::ArcSwap;
 /// How often watched files are checked for changes.
 pub const POLL: Duration = Duration::from_millis(500);
 
-/// A value loaded from one source: fixed (an environment variable) or a watched file.
+/// A value loaded from one source: fixed (an environment variable), a watched file, or
+/// stored by its owner (a fetched JWKS).
 pub struct Watched<T> {
     current: ArcSwap<T>,
+    /// Bumped on every change, so caches derived from the value can tell they are stale.
+    version: AtomicU64,
 }
 
 impl<T: Send + Sync + 'static> Watched<T> {
@@ -25,6 +29,7 @@ impl<T: Send + Sync + 'static> Watched<T> {
     pub fn fixed(value: T) -> Arc<Self> {
         Arc::new(Watched {
             current: ArcSwap::from_pointee(value),
+            version: AtomicU64::new(0),
         })
     }
 
@@ -40,6 +45,7 @@ impl<T: Send + Sync + 'static> Watched<T> {
         let value = load(&bytes)?;
         let watched = Arc::new(Watched {
             current: ArcSwap::from_pointee(value),
+            version: AtomicU64::new(0),
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(follow(
@@ -61,10 +67,22 @@ impl<T: Send + Sync + 'static> Watched<T> {
     pub fn load(&self) -> arc_swap::Guard<Arc<T>> {
         self.current.load()
     }
+
+    /// Replaces the value.
+    pub fn store(&self, value: T) {
+        self.current.store(Arc::new(value));
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    /// How many times the value has changed.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
 }
 
 async fn follow<T, F>(watched: Weak<Watched<T>>, path: PathBuf, mut stamp: Stamp, load: F)
 where
+    T: Send + Sync + 'static,
     F: Fn(&[u8]) -> Result<T, String>,
 {
     let mut tick = tokio::time::interval(POLL);
@@ -94,7 +112,7 @@ where
         match tokio::fs::read(&path).await {
             Ok(bytes) => match load(&bytes) {
                 Ok(value) => {
-                    watched.current.store(Arc::new(value));
+                    watched.store(value);
                     tracing::info!(file = %path.display(), "reloaded changed file");
                 }
                 Err(e) => {

@@ -1,0 +1,248 @@
+//! `jwks_url` keys: fetched over the upstream's rustls client (so `upstream.ca_file` is trusted
+//! too), refreshed in the background, refetched early for an unknown `kid` (at most once per
+//! [`UNKNOWN_KID_INTERVAL`], concurrent triggers sharing one fetch), and kept through fetch
+//! failures for `max_stale`, after which they stop verifying and the gateway is not ready.
+//!
+//! What the anchors got wrong and this avoids: answering 401 to everyone after one failed fetch
+//! (the last good set is kept), evicting keys during an IdP outage (kept for `max_stale`),
+//! never refetching for a new `kid` (refetched), and refetching for every unknown `kid`
+//! (rate-limited, so a flood of made-up kids costs the IdP one request per interval).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::ACCEPT;
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use jsonwebtoken::Algorithm;
+use prometheus::{Gauge, IntCounterVec};
+use tokio::time::Instant;
+
+use crate::keys::{parse_jwks, Key};
+use crate::upstream::HttpClient;
+use crate::watch::Watched;
+
+/// An unknown `kid` triggers at most one early refetch per URL in this long.
+pub const UNKNOWN_KID_INTERVAL: Duration = Duration::from_secs(30);
+/// One JWKS fetch, body included.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest JWKS document accepted.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+/// After a failed fetch, retry after 1 s, 2 s, 4 s ... up to this (or `refresh` if sooner).
+const MAX_RETRY: Duration = Duration::from_secs(60);
+/// Repeated fetch failures are logged at most once in this long.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The JWKS metrics, shared by every URL.
+#[derive(Clone)]
+pub struct JwksMetrics {
+    pub fetches: IntCounterVec,
+    pub last_success: Gauge,
+}
+
+pub struct RemoteJwks {
+    url: Uri,
+    pinned: Option<Algorithm>,
+    client: Arc<Watched<HttpClient>>,
+    /// The last good key set (empty until the first fetch succeeds).
+    pub keys: Arc<Watched<Vec<Key>>>,
+    refresh: Duration,
+    max_stale: Duration,
+    metrics: JwksMetrics,
+    state: Mutex<State>,
+    /// Held while fetching: concurrent triggers wait for the fetch under way.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    last_success: Option<Instant>,
+    last_unknown_kid_fetch: Option<Instant>,
+    last_failure_log: Option<Instant>,
+    failures_unlogged: u64,
+}
+
+impl RemoteJwks {
+    /// Starts following `url`: the first fetch begins at once, in the background.
+    pub fn start(
+        url: Uri,
+        pinned: Option<Algorithm>,
+        client: Arc<Watched<HttpClient>>,
+        refresh: Duration,
+        max_stale: Duration,
+        metrics: JwksMetrics,
+    ) -> Arc<RemoteJwks> {
+        let jwks = Arc::new(RemoteJwks {
+            url,
+            pinned,
+            client,
+            keys: Watched::fixed(Vec::new()),
+            refresh,
+            max_stale,
+            metrics,
+            state: Mutex::new(State::default()),
+            fetching: tokio::sync::Mutex::new(()),
+        });
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(follow(Arc::downgrade(&jwks)));
+        }
+        jwks
+    }
+
+    pub fn url(&self) -> &Uri {
+        &self.url
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the keys may verify: fetched once, and successfully within `max_stale`.
+    pub fn usable(&self) -> bool {
+        self.state()
+            .last_success
+            .is_some_and(|t| t.elapsed() <= self.max_stale)
+    }
+
+    /// A token named a `kid` no key has: refetch now unless one was made for that reason in the
+    /// last [`UNKNOWN_KID_INTERVAL`]. Returns whether a fetch completed meanwhile (so the
+    /// caller should look again). Concurrent callers share one fetch.
+    pub async fn refetch_for_unknown_kid(&self) -> bool {
+        let guard = match self.fetching.try_lock() {
+            Ok(g) => g,
+            Err(_) => {
+                // A fetch is under way: wait for it (bounded by FETCH_TIMEOUT) and look again.
+                let _done = self.fetching.lock().await;
+                return true;
+            }
+        };
+        {
+            let mut state = self.state();
+            if state
+                .last_unknown_kid_fetch
+                .is_some_and(|t| t.elapsed() < UNKNOWN_KID_INTERVAL)
+            {
+                return false;
+            }
+            state.last_unknown_kid_fetch = Some(Instant::now());
+        }
+        self.fetch_once().await;
+        drop(guard);
+        true
+    }
+
+    /// One fetch; on success the key set is replaced, on failure the last good one stays.
+    async fn fetch_once(&self) -> bool {
+        let result = self
+            .download()
+            .await
+            .and_then(|body| parse_jwks(&body, self.pinned, &self.url.to_string()));
+        match result {
+            Ok(keys) => {
+                let old: BTreeSet<String> = kids(&self.keys.load());
+                let new: BTreeSet<String> = kids(&keys);
+                let first = self.state().last_success.is_none();
+                if first || old != new {
+                    let added: Vec<&String> = new.difference(&old).collect();
+                    let removed: Vec<&String> = old.difference(&new).collect();
+                    tracing::info!(url = %self.url, keys = keys.len(), ?added, ?removed, "JWKS key set changed");
+                }
+                self.keys.store(keys);
+                {
+                    let mut state = self.state();
+                    state.last_success = Some(Instant::now());
+                    state.failures_unlogged = 0;
+                }
+                self.metrics.fetches.with_label_values(&["ok"]).inc();
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                self.metrics.last_success.set(now);
+                true
+            }
+            Err(error) => {
+                self.metrics.fetches.with_label_values(&["error"]).inc();
+                let mut state = self.state();
+                let due = state
+                    .last_failure_log
+                    .is_none_or(|t| t.elapsed() >= FAILURE_LOG_INTERVAL);
+                if due {
+                    let suppressed = state.failures_unlogged;
+                    state.last_failure_log = Some(Instant::now());
+                    state.failures_unlogged = 0;
+                    let stale_for = state.last_success.map(|t| t.elapsed().as_secs());
+                    drop(state);
+                    tracing::warn!(url = %self.url, %error, suppressed, ?stale_for, "JWKS fetch failed; keeping the last good key set");
+                } else {
+                    state.failures_unlogged += 1;
+                }
+                false
+            }
+        }
+    }
+
+    async fn download(&self) -> Result<Bytes, String> {
+        let request = Request::get(self.url.clone())
+            .header(ACCEPT, "application/json, application/jwk-set+json")
+            .header(
+                http::header::USER_AGENT,
+                concat!("convocore-gateway/", env!("CARGO_PKG_VERSION")),
+            )
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let client = self.client.get();
+        let exchange = async move {
+            let response = client.request(request).await.map_err(|e| {
+                let mut s = e.to_string();
+                if let Some(source) = std::error::Error::source(&e) {
+                    s.push_str(": ");
+                    s.push_str(&source.to_string());
+                }
+                s
+            })?;
+            if response.status() != StatusCode::OK {
+                return Err(format!("HTTP {}", response.status()));
+            }
+            let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
+                .collect()
+                .await
+                .map_err(|e| format!("body: {e}"))?;
+            Ok(body.to_bytes())
+        };
+        tokio::time::timeout(FETCH_TIMEOUT, exchange)
+            .await
+            .map_err(|_| "timed out".to_string())?
+    }
+}
+
+fn kids(keys: &[Key]) -> BTreeSet<String> {
+    keys.iter()
+        .map(|k| k.kid().unwrap_or("(no kid)").to_string())
+        .collect()
+}
+
+/// The background loop: fetch now, then every `refresh`; after a failure retry sooner, backing
+/// off. Ends when the gateway drops the source.
+async fn follow(jwks: Weak<RemoteJwks>) {
+    let mut delay = Duration::ZERO;
+    let mut failures: u32 = 0;
+    loop {
+        tokio::time::sleep(delay).await;
+        let Some(jwks) = jwks.upgrade() else { return };
+        let ok = {
+            let _fetching = jwks.fetching.lock().await;
+            jwks.fetch_once().await
+        };
+        delay = if ok {
+            failures = 0;
+            jwks.refresh
+        } else {
+            failures = failures.saturating_add(1);
+            let backoff = Duration::from_secs(1u64 << failures.min(6).saturating_sub(1));
+            backoff.min(MAX_RETRY).min(jwks.refresh)
+        };
+    }
+}
