@@ -64,13 +64,11 @@ impl Tls {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let cert_path = config.resolve(&tls.cert_file);
         let key_path = config.resolve(&tls.key_file);
-        // One watcher on the certificate; the key is read with it, since both change together.
-        let key_for_load = key_path.clone();
+        // Certificate and key change together (cert-manager renews both): either change
+        // reloads the pair, and a pair that does not match keeps the last good one.
         let provider_for_load = provider.clone();
-        let certified = Watched::file(&cert_path, move |cert_pem| {
-            let key_pem = std::fs::read(&key_for_load)
-                .map_err(|e| format!("cannot read {}: {e}", key_for_load.display()))?;
-            certified_key(&provider_for_load, cert_pem, &key_pem)
+        let certified = Watched::files(&[cert_path, key_path], move |files| {
+            certified_key(&provider_for_load, &files[0], &files[1])
         })
         .map_err(|m| ConfigError::new(&config.path, "server.tls.cert_file", m))?;
         let mut server = rustls::ServerConfig::builder_with_provider(provider)

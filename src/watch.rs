@@ -39,10 +39,21 @@ impl<T: Send + Sync + 'static> Watched<T> {
     where
         F: Fn(&[u8]) -> Result<T, String> + Send + Sync + 'static,
     {
-        let unreadable = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
-        let stamp = Stamp::of(path).map_err(unreadable)?;
-        let bytes = std::fs::read(path).map_err(unreadable)?;
-        let value = load(&bytes)?;
+        Self::files(&[path.to_path_buf()], move |contents| load(&contents[0]))
+    }
+
+    /// Like [`Watched::file`] for a value made from several files that change together (a
+    /// certificate and its key): a change to any of them loads all of them again.
+    pub fn files<F>(paths: &[PathBuf], load: F) -> Result<Arc<Self>, String>
+    where
+        F: Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync + 'static,
+    {
+        let stamps = stamps(paths)?;
+        let contents = paths
+            .iter()
+            .map(|p| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let value = load(&contents)?;
         let watched = Arc::new(Watched {
             current: ArcSwap::from_pointee(value),
             version: AtomicU64::new(0),
@@ -50,8 +61,8 @@ impl<T: Send + Sync + 'static> Watched<T> {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(follow(
                 Arc::downgrade(&watched),
-                path.to_path_buf(),
-                stamp,
+                paths.to_vec(),
+                stamps,
                 load,
             ));
         }
@@ -80,11 +91,24 @@ impl<T: Send + Sync + 'static> Watched<T> {
     }
 }
 
-async fn follow<T, F>(watched: Weak<Watched<T>>, path: PathBuf, mut stamp: Stamp, load: F)
+fn stamps(paths: &[PathBuf]) -> Result<Vec<Stamp>, String> {
+    paths
+        .iter()
+        .map(|p| Stamp::of(p).map_err(|e| format!("cannot read {}: {e}", p.display())))
+        .collect()
+}
+
+async fn follow<T, F>(watched: Weak<Watched<T>>, paths: Vec<PathBuf>, mut seen: Vec<Stamp>, load: F)
 where
     T: Send + Sync + 'static,
-    F: Fn(&[u8]) -> Result<T, String>,
+    F: Fn(&[Vec<u8>]) -> Result<T, String>,
 {
+    let shown = paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut missing = false;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -92,35 +116,45 @@ where
         let Some(watched) = watched.upgrade() else {
             return;
         };
-        let path2 = path.clone();
-        let now = match tokio::task::spawn_blocking(move || Stamp::of(&path2)).await {
+        let list = paths.clone();
+        let now = match tokio::task::spawn_blocking(move || stamps(&list)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 // Gone for a moment during a Secret swap, or removed: keep the last good value.
-                if stamp != Stamp::MISSING {
-                    tracing::warn!(file = %path.display(), error = %e, "watched file unreadable; keeping the last good value");
-                    stamp = Stamp::MISSING;
+                if !missing {
+                    tracing::warn!(file = %shown, error = %e, "watched file unreadable; keeping the last good value");
+                    missing = true;
                 }
                 continue;
             }
             Err(_) => continue,
         };
-        if now == stamp {
+        missing = false;
+        if now == seen {
             continue;
         }
-        stamp = now;
-        match tokio::fs::read(&path).await {
-            Ok(bytes) => match load(&bytes) {
-                Ok(value) => {
-                    watched.store(value);
-                    tracing::info!(file = %path.display(), "reloaded changed file");
-                }
+        seen = now;
+        let mut contents = Vec::with_capacity(paths.len());
+        for path in &paths {
+            match tokio::fs::read(path).await {
+                Ok(bytes) => contents.push(bytes),
                 Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "changed file does not load; keeping the last good value");
+                    tracing::warn!(file = %path.display(), error = %e, "changed file unreadable; keeping the last good value");
+                    break;
                 }
-            },
+            }
+        }
+        if contents.len() != paths.len() {
+            continue;
+        }
+        match load(&contents) {
+            Ok(value) => {
+                watched.store(value);
+                tracing::info!(file = %shown, "reloaded changed file");
+            }
             Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "changed file unreadable; keeping the last good value");
+                // Often the first of two files of a pair: the next change loads both again.
+                tracing::warn!(file = %shown, error = %e, "changed file does not load; keeping the last good value");
             }
         }
     }
@@ -135,12 +169,6 @@ struct Stamp {
 }
 
 impl Stamp {
-    const MISSING: Stamp = Stamp {
-        modified: None,
-        len: u64::MAX,
-        inode: u64::MAX,
-    };
-
     fn of(path: &Path) -> std::io::Result<Stamp> {
         // `metadata` follows symlinks, so a Kubernetes `..data` swap shows as a new inode.
         let meta = std::fs::metadata(path)?;

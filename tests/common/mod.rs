@@ -56,6 +56,8 @@ pub struct TestConfig {
     pub cache: String,
     /// Extra TOML appended at the end (more tables).
     pub extra: String,
+    /// Lines added to `[regions.na]`, e.g. a region's own `token_file`.
+    pub na_region: String,
     /// Override the region URLs (e.g. a TLS mock): (eu, na).
     pub region_urls: Option<(String, String)>,
 }
@@ -73,6 +75,7 @@ impl Default for TestConfig {
             // Off unless a test is about the cache, so other tests see every request upstream.
             cache: "enabled = false\n".into(),
             extra: String::new(),
+            na_region: String::new(),
             region_urls: None,
         }
     }
@@ -148,6 +151,7 @@ token_file = "{token}"
 base_url = "{eu}"
 [regions.na]
 base_url = "{na}"
+{na_region}
 
 [routing]
 {routing}
@@ -177,6 +181,7 @@ level = "info"
             token = token_file.display(),
             server = self.server,
             upstream = self.upstream_lines(),
+            na_region = self.na_region,
             routing = self.routing,
             agents = self.agents,
             auth = self.auth,
