@@ -1,37 +1,341 @@
-//! Logging: `tracing` to stdout through a non-blocking writer, JSON by default.
+//! Logging: `tracing` to stdout through a non-blocking, batching writer, JSON by default.
+//!
+//! The access line (target `access`, one per request) has a formatter of its own in JSON mode:
+//! tracing-subscriber's JSON formatter costs about 2 µs a line, a fifth of a cache hit, while
+//! writing the few known fields by hand costs a tenth of that. Other lines keep the standard
+//! formatter, and the access line is still an ordinary `tracing` event, so filters and other
+//! subscribers see it as usual.
 
-use tracing_appender::non_blocking::WorkerGuard;
-use tracing_subscriber::EnvFilter;
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{filter, EnvFilter, Layer};
 
 use crate::config::LogFormat;
+
+/// The `tracing` target of the one-line-per-request access log.
+pub const ACCESS: &str = "access";
 
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `level`. Keep the guard
 /// alive until exit so buffered lines are flushed.
 pub fn init(format: LogFormat, level: &str) -> WorkerGuard {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => EnvFilter::try_new(v).unwrap_or_else(|_| EnvFilter::new(level)),
-        _ => EnvFilter::new(level),
-    };
-    // Lines queue in a bounded buffer; when it is full they are dropped rather than making a
-    // request wait on a slow stdout.
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(64 * 1024)
-        .lossy(true)
-        .finish(std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
+    let (writer, guard) = writer();
     let result = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(env_filter(level))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_writer(writer.clone())
+                    .with_filter(filter::filter_fn(|m| m.target() != ACCESS)),
+            )
+            .with(AccessJson { writer })
             .try_init(),
-        LogFormat::Text => builder.with_ansi(false).try_init(),
+        LogFormat::Text => tracing_subscriber::registry()
+            .with(env_filter(level))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(writer),
+            )
+            .try_init(),
     };
     if let Err(e) = result {
         eprintln!("logging already initialised: {e}");
     }
     guard
+}
+
+fn env_filter(level: &str) -> EnvFilter {
+    match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => EnvFilter::try_new(v).unwrap_or_else(|_| EnvFilter::new(level)),
+        _ => EnvFilter::new(level),
+    }
+}
+
+/// Lines go through a bounded queue to a writer thread, which writes them to stdout in
+/// batches (one `write` per batch, not per line). When the queue is full, lines are dropped
+/// rather than making a request wait on a slow stdout.
+fn writer() -> (NonBlocking, WorkerGuard) {
+    let stdout = stdout_file();
+    tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(64 * 1024)
+        .lossy(true)
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, stdout))
+}
+
+/// stdout without std's line buffering (the batching writer flushes after each batch).
+#[cfg(unix)]
+fn stdout_file() -> Box<dyn std::io::Write + Send> {
+    use std::os::fd::AsFd;
+    match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => Box::new(std::fs::File::from(fd)),
+        Err(_) => Box::new(std::io::stdout()),
+    }
+}
+
+#[cfg(not(unix))]
+fn stdout_file() -> Box<dyn std::io::Write + Send> {
+    Box::new(std::io::stdout())
+}
+
+/// Writes `access` events as JSON lines shaped like the standard formatter's:
+/// `{"timestamp":"…","level":"INFO","request_id":"…",…,"message":"request","target":"access"}`.
+pub struct AccessJson<W> {
+    pub writer: W,
+}
+
+impl<S, W> Layer<S> for AccessJson<W>
+where
+    S: Subscriber,
+    W: for<'w> MakeWriter<'w> + 'static,
+{
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        if event.metadata().target() != ACCESS {
+            return;
+        }
+        LINE.with(|line| {
+            let Ok(mut line) = line.try_borrow_mut() else {
+                return;
+            };
+            line.clear();
+            line.push_str("{\"timestamp\":\"");
+            timestamp(&mut line, SystemTime::now());
+            line.push_str("\",\"level\":\"");
+            line.push_str(event.metadata().level().as_str());
+            line.push('"');
+            let mut fields = Fields {
+                line: &mut line,
+                message: None,
+            };
+            event.record(&mut fields);
+            if let Some(message) = fields.message.take() {
+                line.push_str(",\"message\":");
+                json_string(&mut line, &message);
+            }
+            line.push_str(",\"target\":\"access\"}\n");
+            let _ = self.writer.make_writer().write_all(line.as_bytes());
+        });
+    }
+}
+
+thread_local! {
+    static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
+    /// The formatted date and time of the last whole second seen on this thread.
+    static SECOND: RefCell<(u64, String)> = RefCell::new((u64::MAX, String::new()));
+}
+
+struct Fields<'a> {
+    line: &'a mut String,
+    message: Option<String>,
+}
+
+impl Fields<'_> {
+    fn key(&mut self, field: &Field) {
+        self.line.push_str(",\"");
+        self.line.push_str(field.name());
+        self.line.push_str("\":");
+    }
+}
+
+impl Visit for Fields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message = Some(value.to_string());
+            return;
+        }
+        self.key(field);
+        json_string(self.line, value);
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.key(field);
+        let _ = write!(self.line, "{value}");
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.key(field);
+        let _ = write!(self.line, "{value}");
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.key(field);
+        if value.is_finite() {
+            // Microsecond precision is all a duration in ms needs.
+            let _ = write!(self.line, "{}", (value * 1000.0).round() / 1000.0);
+        } else {
+            self.line.push_str("null");
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.key(field);
+        self.line.push_str(if value { "true" } else { "false" });
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let text = format!("{value:?}");
+        if field.name() == "message" {
+            self.message = Some(text);
+            return;
+        }
+        self.key(field);
+        json_string(self.line, &text);
+    }
+}
+
+/// Appends `s` as a JSON string literal.
+fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(s);
+    } else {
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c if (c as u32) < 0x20 => {
+                    let _ = write!(out, "\\u{:04x}", c as u32);
+                }
+                c => out.push(c),
+            }
+        }
+    }
+    out.push('"');
+}
+
+/// RFC 3339 UTC with microseconds, like the standard formatter: `2026-11-27T14:52:52.223658Z`.
+fn timestamp(out: &mut String, now: SystemTime) {
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    SECOND.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.0 != secs {
+            let (y, mo, d) = civil_from_days((secs / 86_400) as i64);
+            let rem = secs % 86_400;
+            cell.1.clear();
+            let _ = write!(
+                cell.1,
+                "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}",
+                rem / 3600,
+                rem % 3600 / 60,
+                rem % 60
+            );
+            cell.0 = secs;
+        }
+        out.push_str(&cell.1);
+    });
+    let _ = write!(out, ".{:06}Z", since.subsec_micros());
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    #[test]
+    fn dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(20_784), (2026, 11, 27));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        let mut s = String::new();
+        timestamp(
+            &mut s,
+            UNIX_EPOCH + Duration::from_micros(1_795_791_172_223_658),
+        );
+        assert_eq!(s, "2026-11-27T14:52:52.223658Z");
+    }
+
+    #[test]
+    fn escaping() {
+        let mut s = String::new();
+        json_string(&mut s, "a\"b\\c\nd\u{1}é");
+        assert_eq!(s, r#""a\"b\\c\nd\u0001é""#);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v, "a\"b\\c\nd\u{1}é");
+    }
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn access_lines_are_json_with_typed_fields() {
+        let out = Captured::default();
+        let subscriber = tracing_subscriber::registry().with(AccessJson {
+            writer: out.clone(),
+        });
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(
+                target: "access",
+                request_id = "r-1",
+                team = "we \"quote\"",
+                status = 200u16,
+                duration_ms = 0.041_234_5,
+                upstream_ms = 0.0,
+                "request"
+            );
+            tracing::info!(target: "other", "not an access line");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(v["request_id"], "r-1");
+        assert_eq!(v["team"], "we \"quote\"");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["duration_ms"], 0.041);
+        assert_eq!(v["upstream_ms"], 0.0);
+        assert_eq!(v["message"], "request");
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["target"], "access");
+        assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
 }
