@@ -6,12 +6,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, AGE};
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response};
 use http_body_util::Full;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::app::App;
+use crate::auth::Caller;
 use crate::cache::{Answer, CacheStatus, Failed, Mode};
 use crate::error::ApiError;
 use crate::metrics::InFlight;
@@ -23,11 +24,10 @@ pub static X_CONVOCORE_REGION: HeaderName = HeaderName::from_static("x-convocore
 pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
-/// What one request did, for its access-log line.
+/// What one request did, for its access-log line and metrics.
 #[derive(Default)]
 struct Record {
-    team: Option<String>,
-    export: Option<Export>,
+    caller: Option<Arc<Caller>>,
     region: Option<usize>,
     cache: Option<CacheStatus>,
     upstream_ms: f64,
@@ -42,25 +42,21 @@ pub async fn handle<B>(
     let started = Instant::now();
     let _inflight = InFlight::start(&app.metrics.inflight);
     let request_id = app.request_id(req.headers().get(&X_REQUEST_ID));
-    // Every log line during the request carries its id.
-    let span = tracing::info_span!("request", request_id = request_id.to_str().unwrap_or("-"));
     let mut record = Record::default();
-    let result = export(&app, &req, &request_id, &mut record)
-        .instrument(span.clone())
-        .await;
+    let (export, result) = match route::parse(req.method(), req.uri()) {
+        Ok(export) => {
+            let result = serve(&app, &req, &export, &request_id, &mut record).await;
+            (Some(export), result)
+        }
+        Err(e) => (None, Err(e)),
+    };
     let mut response = match result {
         Ok(r) => r,
         Err(e) => {
             if let ApiError::Unauthorized(failure) = &e {
-                app.metrics
-                    .auth_failures
-                    .with_label_values(&[failure.reason()])
-                    .inc();
+                app.metrics.auth_failure(failure.reason());
             } else if let ApiError::Forbidden(_) = &e {
-                app.metrics
-                    .auth_failures
-                    .with_label_values(&["forbidden"])
-                    .inc();
+                app.metrics.auth_failure("forbidden");
             }
             record.error = Some(error_chain(&e));
             e.into_response()
@@ -69,49 +65,54 @@ pub async fn handle<B>(
     response
         .headers_mut()
         .insert(&X_REQUEST_ID, request_id.clone());
-    let _entered = span.enter();
-    finish(&app, &record, &request_id, response.status(), started);
+    finish(
+        &app,
+        export.as_ref(),
+        &record,
+        &request_id,
+        response.status(),
+        started,
+    );
     Ok(response)
 }
 
-/// The phases: parse (400/404/405), authenticate (401), authorize (403, before any cache
-/// lookup), then the cache, which goes upstream when it must.
-async fn export<B>(
+/// The phases after parsing: authenticate (401), authorize (403, before any cache lookup),
+/// then the cache, which goes upstream when it must.
+async fn serve<B>(
     app: &Arc<App>,
     req: &Request<B>,
+    export: &Export,
     request_id: &HeaderValue,
     record: &mut Record,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let export = route::parse(req.method(), req.uri())?;
-    record.export = Some(export.clone());
     let caller = app
         .auth
         .verify(req.headers())
         .await
         .map_err(ApiError::Unauthorized)?;
-    record.team = Some(caller.team.clone());
-    app.auth.authorize(&caller, &export.agent)?;
+    let allowed = app.auth.authorize(&caller, &export.agent);
+    record.caller = Some(caller);
+    allowed?;
 
     let mode = Mode::from_headers(req.headers());
-    let fetch = {
+    // Called only when the cache must go upstream; the fetch runs in the request's span, so
+    // its log lines (and the flight task's) carry the request id.
+    let fetch = || {
         let app = app.clone();
         let export = export.clone();
         let request_id = request_id.clone();
-        move || async move { fetch_routed(&app, &export, &request_id).await }
+        let span = tracing::info_span!("request", request_id = request_id.to_str().unwrap_or("-"));
+        async move { fetch_routed(&app, &export, &request_id).await }.instrument(span)
     };
-    let answer = app
-        .cache
-        .get(&export, mode, fetch)
-        .await
-        .map_err(|failed| {
-            record.region = Some(failed.region);
-            // The cache was consulted and could not answer.
-            record.cache = Some(match mode {
-                Mode::Bypass => CacheStatus::Bypass,
-                _ => CacheStatus::Miss,
-            });
-            ApiError::Upstream(failed.error)
-        })?;
+    let answer = app.cache.get(export, mode, fetch).await.map_err(|failed| {
+        record.region = Some(failed.region);
+        // The cache was consulted and could not answer.
+        record.cache = Some(match mode {
+            Mode::Bypass => CacheStatus::Bypass,
+            _ => CacheStatus::Miss,
+        });
+        ApiError::Upstream(failed.error)
+    })?;
     record.region = Some(answer.response.region);
     record.cache = Some(answer.status);
     if answer.coalesced {
@@ -182,7 +183,8 @@ fn respond(app: &App, answer: Answer) -> Response<Full<Bytes>> {
     let fetched = &answer.response;
     let mut response = Response::new(Full::new(fetched.body.clone()));
     *response.status_mut() = fetched.status;
-    let headers = response.headers_mut();
+    // Room for the passed headers, ours, X-Request-Id and the server's Date/Content-Length.
+    let mut headers = HeaderMap::with_capacity(16);
     for (name, value) in &fetched.headers {
         headers.insert(name, value.clone());
     }
@@ -191,9 +193,10 @@ fn respond(app: &App, answer: Answer) -> Response<Full<Bytes>> {
     }
     headers.insert(&X_CACHE, answer.status.header());
     if let Some(age) = answer.age {
-        headers.insert(AGE, HeaderValue::from(age));
+        headers.insert(AGE, app.cache.age_header(age));
     }
     headers.insert(&CACHE_STATUS, answer.cache_status);
+    *response.headers_mut() = headers;
     response
 }
 
@@ -216,6 +219,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// The end of every request: its metrics and its one access-log line.
 fn finish(
     app: &App,
+    export: Option<&Export>,
     r: &Record,
     request_id: &HeaderValue,
     status: http::StatusCode,
@@ -224,26 +228,18 @@ fn finish(
     let elapsed = started.elapsed();
     let region = r.region.map(|i| app.region_name(i)).unwrap_or("none");
     let cache = r.cache.map(CacheStatus::label).unwrap_or("none");
-    let m = &app.metrics;
-    m.requests
-        .with_label_values(&[region, status.as_str(), cache])
-        .inc();
-    m.request_duration
-        .with_label_values(&[cache])
-        .observe(elapsed.as_secs_f64());
-    if let Some(team) = &r.team {
-        let label = if app.auth.is_configured_team(team) {
-            team.as_str()
-        } else {
-            "other"
-        };
-        m.team_requests.with_label_values(&[label]).inc();
-    }
-    let export = r.export.as_ref();
+    let team = r.caller.as_ref().map(|c| c.team.as_str());
+    app.metrics.record_request(
+        r.region,
+        status,
+        r.cache,
+        elapsed,
+        team.map(|t| app.auth.team_label(t)),
+    );
     tracing::info!(
         target: "access",
         request_id = request_id.to_str().unwrap_or("-"),
-        team = r.team.as_deref().unwrap_or("-"),
+        team = team.unwrap_or("-"),
         agent = export.map(|e| e.agent.as_str()).unwrap_or("-"),
         convo = export.map(|e| e.convo.as_str()).unwrap_or("-"),
         format = export.map(|e| e.format.as_str()).unwrap_or("-"),

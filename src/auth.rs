@@ -297,9 +297,12 @@ impl Auth {
         }
     }
 
-    /// Whether `team` is named in `[teams]` (for bounded metric labels).
-    pub fn is_configured_team(&self, team: &str) -> bool {
-        self.teams.as_ref().is_some_and(|t| t.contains_key(team))
+    /// The `team` metric label: the team when `[teams]` names it, else `other`.
+    pub fn team_label<'a>(&'a self, team: &'a str) -> &'a str {
+        match &self.teams {
+            Some(t) if t.contains_key(team) => team,
+            _ => "other",
+        }
     }
 }
 

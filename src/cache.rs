@@ -16,7 +16,6 @@ use http::header::{HeaderValue, CACHE_CONTROL};
 use http::{HeaderMap, StatusCode};
 use tokio::sync::{watch, Mutex};
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use crate::config;
 use crate::route::{Export, Format};
@@ -128,7 +127,14 @@ pub struct Cache {
     stale_if_error: Duration,
     stale_while_revalidate: Duration,
     max_entry_bytes: usize,
+    /// `Cache-Status` of a hit by whole seconds of freshness left, and `Age` values, made once
+    /// so that a hit formats nothing (up to [`PRECOMPUTED_SECONDS`]).
+    hit_status: Vec<HeaderValue>,
+    ages: Vec<HeaderValue>,
 }
+
+/// How many seconds of `Age` and hit `Cache-Status` values are made ahead.
+const PRECOMPUTED_SECONDS: u64 = 3600;
 
 impl Cache {
     pub fn new(c: &config::Cache) -> Cache {
@@ -150,6 +156,12 @@ impl Cache {
             stale_if_error: c.stale_if_error,
             stale_while_revalidate: c.stale_while_revalidate,
             max_entry_bytes: usize::try_from(c.max_bytes / 8).unwrap_or(usize::MAX),
+            hit_status: (0..=c.ttl.as_secs().min(PRECOMPUTED_SECONDS))
+                .map(|ttl| header(format!("convocore-gateway; hit; ttl={ttl}")))
+                .collect(),
+            ages: (0..=c.ttl.as_secs().min(PRECOMPUTED_SECONDS))
+                .map(HeaderValue::from)
+                .collect(),
         }
     }
 
@@ -258,10 +270,24 @@ impl Cache {
         }
     }
 
+    /// The `Age` header for `secs`.
+    pub fn age_header(&self, secs: u64) -> HeaderValue {
+        usize::try_from(secs)
+            .ok()
+            .and_then(|i| self.ages.get(i))
+            .cloned()
+            .unwrap_or_else(|| HeaderValue::from(secs))
+    }
+
     fn hit(&self, entry: Arc<Fetched>, age: Duration) -> Answer {
         let ttl = self.ttl.saturating_sub(age).as_secs();
+        let cache_status = usize::try_from(ttl)
+            .ok()
+            .and_then(|i| self.hit_status.get(i))
+            .cloned()
+            .unwrap_or_else(|| header(format!("convocore-gateway; hit; ttl={ttl}")));
         Answer {
-            cache_status: header(format!("convocore-gateway; hit; ttl={ttl}")),
+            cache_status,
             response: entry,
             status: CacheStatus::Hit,
             age: Some(age.as_secs()),
@@ -302,7 +328,7 @@ impl Cache {
         let epoch = purges.load(Ordering::SeqCst);
         let key = key.clone();
         let max_entry_bytes = self.max_entry_bytes;
-        // The fetch carries the leading request's span, so its log lines name that request.
+        // `fetch` instruments its future with the leading request's span.
         let task = async move {
             let result = future.await;
             let result = match result {
@@ -330,7 +356,7 @@ impl Cache {
             flights.lock().await.remove(&key);
             let _ = tx.send(Some(result));
         };
-        tokio::spawn(task.instrument(tracing::Span::current()));
+        tokio::spawn(task);
         Joined::Flight(rx, true)
     }
 

@@ -4,10 +4,15 @@
 //! Every label value comes from a bounded set: regions from the config plus `none`, HTTP
 //! status codes, the cache outcomes, configured teams plus `other`, the auth failure reasons.
 
+use std::sync::OnceLock;
+use std::time::Duration;
+
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::cache::CacheStatus;
 
 /// Request durations: cache hits take tens of microseconds, misses are bounded by the 30 s
 /// default `request_timeout`; the buckets are dense below a millisecond and reach 30 s.
@@ -32,8 +37,17 @@ pub const AUTH_REASONS: [&str; 9] = [
     "forbidden",
 ];
 
+/// Request outcomes that label the hot counters, resolved once: `cache` label by index.
+const CACHE_LABELS: [&str; 5] = ["hit", "miss", "stale", "bypass", "none"];
+
 pub struct Metrics {
     registry: Registry,
+    /// `requests_total` children by (region or none, status 100..=599, cache), made on first
+    /// use: a label lookup hashes three strings under a lock, a slot is an index.
+    request_children: Vec<OnceLock<IntCounter>>,
+    region_labels: Vec<String>,
+    duration_children: Vec<Histogram>,
+    auth_children: Vec<IntCounter>,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub team_requests: IntCounterVec,
@@ -162,8 +176,23 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
 
+        let mut region_labels: Vec<String> = regions.iter().map(|r| r.to_string()).collect();
+        region_labels.push("none".to_string());
+        let slots = region_labels.len() * 500 * CACHE_LABELS.len();
+        let duration_children = CACHE_LABELS
+            .iter()
+            .map(|c| request_duration.with_label_values(&[c]))
+            .collect();
+        let auth_children = AUTH_REASONS
+            .iter()
+            .map(|r| auth_failures.with_label_values(&[r]))
+            .collect();
         Ok(Metrics {
             registry,
+            request_children: (0..slots).map(|_| OnceLock::new()).collect(),
+            region_labels,
+            duration_children,
+            auth_children,
             requests,
             request_duration,
             team_requests,
@@ -177,6 +206,60 @@ impl Metrics {
             jwks_fetches,
             jwks_last_success,
         })
+    }
+
+    /// Counts one finished request: `requests_total`, its duration, and its team.
+    pub fn record_request(
+        &self,
+        region: Option<usize>,
+        status: http::StatusCode,
+        cache: Option<CacheStatus>,
+        elapsed: Duration,
+        team: Option<&str>,
+    ) {
+        let region = region
+            .filter(|r| *r + 1 < self.region_labels.len())
+            .unwrap_or(self.region_labels.len() - 1);
+        let cache = match cache {
+            Some(CacheStatus::Hit) => 0,
+            Some(CacheStatus::Miss) => 1,
+            Some(CacheStatus::Stale) => 2,
+            Some(CacheStatus::Bypass) => 3,
+            None => 4,
+        };
+        let code = usize::from(status.as_u16().clamp(100, 599) - 100);
+        let slot = (region * 500 + code) * CACHE_LABELS.len() + cache;
+        match self.request_children.get(slot) {
+            Some(cell) => cell
+                .get_or_init(|| {
+                    self.requests.with_label_values(&[
+                        &self.region_labels[region],
+                        status.as_str(),
+                        CACHE_LABELS[cache],
+                    ])
+                })
+                .inc(),
+            None => self
+                .requests
+                .with_label_values(&[
+                    &self.region_labels[region],
+                    status.as_str(),
+                    CACHE_LABELS[cache],
+                ])
+                .inc(),
+        }
+        self.duration_children[cache].observe(elapsed.as_secs_f64());
+        if let Some(team) = team {
+            self.team_requests.with_label_values(&[team]).inc();
+        }
+    }
+
+    /// Counts a refused caller; `reason` is one of [`AUTH_REASONS`].
+    pub fn auth_failure(&self, reason: &str) {
+        match AUTH_REASONS.iter().position(|r| *r == reason) {
+            Some(i) => self.auth_children[i].inc(),
+            None => self.auth_failures.with_label_values(&[reason]).inc(),
+        }
     }
 
     /// The JWKS fetch metrics, for the key sources.
