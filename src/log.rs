@@ -133,7 +133,7 @@ where
 thread_local! {
     static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
     /// The formatted date and time of the last whole second seen on this thread.
-    static SECOND: RefCell<(u64, String)> = RefCell::new((u64::MAX, String::new()));
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
 }
 
 struct Fields<'a> {
