@@ -54,17 +54,10 @@ pub async fn handle<B>(
             r
         }
         (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#),
-        (&Method::GET, "/readyz") => {
-            if app.is_ready() {
-                json(StatusCode::OK, r#"{"status":"ready"}"#)
-            } else {
-                error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready",
-                    Some("the gateway is shutting down"),
-                )
-            }
-        }
+        (&Method::GET, "/readyz") => match app.not_ready_because() {
+            None => json(StatusCode::OK, r#"{"status":"ready"}"#),
+            Some(why) => error_response(StatusCode::SERVICE_UNAVAILABLE, "not ready", Some(why)),
+        },
         (_, "/healthz" | "/readyz" | "/metrics") => {
             let mut r = ApiError::MethodNotSupported.into_response();
             r.headers_mut()

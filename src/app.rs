@@ -55,7 +55,18 @@ impl App {
     /// `/readyz`: config, files and tokens are loaded by construction; every `jwks_url` must
     /// have been fetched and be within `max_stale`; not ready once shutdown has begun.
     pub fn is_ready(&self) -> bool {
-        !self.shutting_down.load(Ordering::Relaxed) && self.auth.ready()
+        self.not_ready_because().is_none()
+    }
+
+    /// Why `/readyz` says 503, if it does.
+    pub fn not_ready_because(&self) -> Option<&'static str> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            Some("the gateway is shutting down")
+        } else if !self.auth.ready() {
+            Some("JWKS keys are not loaded yet, or the IdP has failed for longer than max_stale")
+        } else {
+            None
+        }
     }
 
     pub fn begin_shutdown(&self) {

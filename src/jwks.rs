@@ -59,6 +59,12 @@ pub struct RemoteJwks {
 #[derive(Default)]
 struct State {
     last_success: Option<Instant>,
+    /// The first failed fetch since the last success: `max_stale` counts from here, so keys
+    /// are never dropped while the IdP answers, whatever `refresh` is.
+    failing_since: Option<Instant>,
+    /// The last document that loaded: an unchanged one does not replace the keys (which would
+    /// drop every cached verification made with them).
+    last_document: Option<Bytes>,
     last_unknown_kid_fetch: Option<Instant>,
     last_failure_log: Option<Instant>,
     failures_unlogged: u64,
@@ -99,11 +105,13 @@ impl RemoteJwks {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether the keys may verify: fetched once, and successfully within `max_stale`.
+    /// Whether the keys may verify: fetched once, and not failing for longer than `max_stale`.
     pub fn usable(&self) -> bool {
-        self.state()
-            .last_success
-            .is_some_and(|t| t.elapsed() <= self.max_stale)
+        let state = self.state();
+        state.last_success.is_some()
+            && state
+                .failing_since
+                .is_none_or(|t| t.elapsed() <= self.max_stale)
     }
 
     /// A token named a `kid` no key has: refetch now unless one was made for that reason in the
@@ -135,12 +143,22 @@ impl RemoteJwks {
 
     /// One fetch; on success the key set is replaced, on failure the last good one stays.
     async fn fetch_once(&self) -> bool {
-        let result = self
-            .download()
-            .await
-            .and_then(|body| parse_jwks(&body, self.pinned, &self.url.to_string()));
+        let body = self.download().await;
+        if let Ok(body) = &body {
+            let mut state = self.state();
+            if state.last_document.as_ref() == Some(body) {
+                state.last_success = Some(Instant::now());
+                state.failing_since = None;
+                drop(state);
+                self.succeeded();
+                return true;
+            }
+        }
+        let result = body.and_then(|body| {
+            parse_jwks(&body, self.pinned, &self.url.to_string()).map(|keys| (keys, body))
+        });
         match result {
-            Ok(keys) => {
+            Ok((keys, body)) => {
                 let old: BTreeSet<String> = kids(&self.keys.load());
                 let new: BTreeSet<String> = kids(&keys);
                 let first = self.state().last_success.is_none();
@@ -153,19 +171,17 @@ impl RemoteJwks {
                 {
                     let mut state = self.state();
                     state.last_success = Some(Instant::now());
+                    state.failing_since = None;
                     state.failures_unlogged = 0;
+                    state.last_document = Some(body);
                 }
-                self.metrics.fetches.with_label_values(&["ok"]).inc();
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or(0.0);
-                self.metrics.last_success.set(now);
+                self.succeeded();
                 true
             }
             Err(error) => {
                 self.metrics.fetches.with_label_values(&["error"]).inc();
                 let mut state = self.state();
+                state.failing_since.get_or_insert_with(Instant::now);
                 let due = state
                     .last_failure_log
                     .is_none_or(|t| t.elapsed() >= FAILURE_LOG_INTERVAL);
@@ -173,15 +189,24 @@ impl RemoteJwks {
                     let suppressed = state.failures_unlogged;
                     state.last_failure_log = Some(Instant::now());
                     state.failures_unlogged = 0;
-                    let stale_for = state.last_success.map(|t| t.elapsed().as_secs());
+                    let failing_for = state.failing_since.map(|t| t.elapsed().as_secs());
                     drop(state);
-                    tracing::warn!(url = %self.url, %error, suppressed, ?stale_for, "JWKS fetch failed; keeping the last good key set");
+                    tracing::warn!(url = %self.url, %error, suppressed, ?failing_for, "JWKS fetch failed; keeping the last good key set");
                 } else {
                     state.failures_unlogged += 1;
                 }
                 false
             }
         }
+    }
+
+    fn succeeded(&self) {
+        self.metrics.fetches.with_label_values(&["ok"]).inc();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.metrics.last_success.set(now);
     }
 
     async fn download(&self) -> Result<Bytes, String> {
