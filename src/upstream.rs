@@ -15,7 +15,7 @@ use http::header::{
     CONTENT_LENGTH, CONTENT_TYPE, ETAG, LAST_MODIFIED, USER_AGENT,
 };
 use http::{HeaderMap, Request, StatusCode};
-use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Empty};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -220,17 +220,7 @@ impl Upstream {
                 return Err(UpstreamError::TooLarge);
             }
             let limit = usize::try_from(max).unwrap_or(usize::MAX);
-            let body = Limited::new(body, limit)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<LengthLimitError>() {
-                        UpstreamError::TooLarge
-                    } else {
-                        UpstreamError::Protocol(Arc::from(e))
-                    }
-                })?
-                .to_bytes();
+            let body = read_body(body, limit, declared).await?;
             Ok((parts, body))
         };
         let (parts, body) = tokio::time::timeout(self.request_timeout, exchange)
@@ -263,6 +253,33 @@ impl Upstream {
             region: region_index,
         })
     }
+}
+
+/// Reads a whole body of at most `limit` bytes into one buffer of its own. With a declared
+/// length the buffer is allocated once at its final size, so a large export costs one
+/// allocation and one copy (collecting chunks and joining them would hold it twice), and a
+/// cached body never pins the connection's read buffer it arrived in.
+async fn read_body(
+    mut body: hyper::body::Incoming,
+    limit: usize,
+    declared: Option<u64>,
+) -> Result<Bytes, UpstreamError> {
+    let capacity = declared
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(0)
+        .min(limit);
+    let mut buf = bytes::BytesMut::with_capacity(capacity);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| UpstreamError::Protocol(Arc::new(e)))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        if buf.len() + data.len() > limit {
+            return Err(UpstreamError::TooLarge);
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(buf.freeze())
 }
 
 fn build_client(connect_timeout: Duration, extra_ca: Option<&[u8]>) -> Result<HttpClient, String> {
