@@ -141,6 +141,9 @@ impl Cache {
         let keep = c.ttl + c.stale_if_error.max(c.stale_while_revalidate);
         let store = c.enabled.then(|| {
             moka::future::Cache::builder()
+                // LRU, as nginx's proxy_cache: a fresh export is always kept (TinyLFU, moka's
+                // default, turns away new keys while the cache is full of older ones).
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .max_capacity(c.max_bytes)
                 .weigher(|key: &Export, entry: &Arc<Fetched>| {
                     u32::try_from(weight(key, entry)).unwrap_or(u32::MAX)
