@@ -29,7 +29,12 @@ impl App {
     /// from then on, so this must run inside the tokio runtime.
     pub fn build(config: Config) -> Result<App, ConfigError> {
         let region_names: Vec<&str> = config.regions.keys().map(String::as_str).collect();
-        let metrics = Metrics::new(&region_names)
+        let team_names: Vec<&str> = config
+            .teams
+            .iter()
+            .flat_map(|t| t.keys().map(String::as_str))
+            .collect();
+        let metrics = Metrics::new(&region_names, &team_names)
             .map_err(|e| ConfigError::new(&config.path, "-", format!("metrics: {e}")))?;
         let upstream = Upstream::from_config(&config)?;
         let auth = Auth::from_config(&config, upstream.client(), &metrics.jwks())?;

@@ -58,7 +58,7 @@ pub struct Auth {
     sources: Vec<Source>,
     /// Tokens that verified, keyed by their SHA-256 (never the token itself). Only successes
     /// are kept, so a flood of invalid tokens adds nothing.
-    verified: moka::future::Cache<[u8; 32], Arc<Verified>>,
+    verified: moka::future::Cache<[u8; 32], Arc<Verified>, foldhash::fast::RandomState>,
     /// Per algorithm: exp required, nbf checked, iss/aud when configured, leeway.
     validation: Validation,
     team_claim: String,
@@ -114,7 +114,7 @@ impl Auth {
             verified: moka::future::Cache::builder()
                 .max_capacity(VERIFIED_CAPACITY)
                 .time_to_live(VERIFIED_TTL)
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             validation,
             team_claim: auth.team_claim.clone(),
             teams,

@@ -106,6 +106,10 @@ pub struct Answer {
     pub coalesced: bool,
 }
 
+/// The store. foldhash (randomly seeded per process) instead of SipHash: keys are hashed on
+/// every lookup, and a seeded hash keeps chosen ids from colliding on purpose.
+type Store = moka::future::Cache<Export, Arc<Fetched>, foldhash::fast::RandomState>;
+
 /// A flight's outcome: the response and whether it was stored.
 type FlightResult = Result<(Arc<Fetched>, bool), Failed>;
 
@@ -117,7 +121,7 @@ enum Joined {
 }
 
 pub struct Cache {
-    store: Option<moka::future::Cache<Export, Arc<Fetched>>>,
+    store: Option<Store>,
     /// Fetches in flight. An async mutex: a caller that finds no flight re-reads the store
     /// while holding it, so a flight that completes in between is never started twice.
     flights: Arc<Mutex<HashMap<Export, watch::Receiver<Option<FlightResult>>>>>,
@@ -149,7 +153,7 @@ impl Cache {
                     u32::try_from(weight(key, entry)).unwrap_or(u32::MAX)
                 })
                 .time_to_live(keep)
-                .build()
+                .build_with_hasher(foldhash::fast::RandomState::default())
         });
         Cache {
             store,

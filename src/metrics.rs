@@ -4,6 +4,7 @@
 //! Every label value comes from a bounded set: regions from the config plus `none`, HTTP
 //! status codes, the cache outcomes, configured teams plus `other`, the auth failure reasons.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -48,6 +49,8 @@ pub struct Metrics {
     region_labels: Vec<String>,
     duration_children: Vec<Histogram>,
     auth_children: Vec<IntCounter>,
+    /// `team_requests_total` children of the configured teams and `other`.
+    team_children: HashMap<String, IntCounter>,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub team_requests: IntCounterVec,
@@ -63,7 +66,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(regions: &[&str]) -> Result<Metrics, prometheus::Error> {
+    /// `regions` and `teams` (plus `other`) are the bounded label sets resolved up front.
+    pub fn new(regions: &[&str], teams: &[&str]) -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new(
@@ -187,8 +191,14 @@ impl Metrics {
             .iter()
             .map(|r| auth_failures.with_label_values(&[r]))
             .collect();
+        let team_children = teams
+            .iter()
+            .chain(std::iter::once(&"other"))
+            .map(|t| (t.to_string(), team_requests.with_label_values(&[t])))
+            .collect();
         Ok(Metrics {
             registry,
+            team_children,
             request_children: (0..slots).map(|_| OnceLock::new()).collect(),
             region_labels,
             duration_children,
@@ -250,7 +260,10 @@ impl Metrics {
         }
         self.duration_children[cache].observe(elapsed.as_secs_f64());
         if let Some(team) = team {
-            self.team_requests.with_label_values(&[team]).inc();
+            match self.team_children.get(team) {
+                Some(counter) => counter.inc(),
+                None => self.team_requests.with_label_values(&[team]).inc(),
+            }
         }
     }
 

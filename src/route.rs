@@ -41,7 +41,13 @@ pub fn parse(method: &Method, uri: &Uri) -> Result<Export, ApiError> {
         .strip_prefix(PREFIX)
         .and_then(|rest| rest.strip_suffix(SUFFIX))
         .ok_or(ApiError::NotFound)?;
-    let (agent, convo) = ids.split_once(MIDDLE).ok_or(ApiError::NotFound)?;
+    // A byte-window search: `str::split_once` builds a substring searcher on every call.
+    let at = ids
+        .as_bytes()
+        .windows(MIDDLE.len())
+        .position(|w| w == MIDDLE.as_bytes())
+        .ok_or(ApiError::NotFound)?;
+    let (agent, convo) = (&ids[..at], &ids[at + MIDDLE.len()..]);
     if method != Method::GET {
         return Err(ApiError::MethodNotSupported);
     }
