@@ -182,47 +182,56 @@ fn benches(c: &mut Criterion) {
 
     c.bench_function("metrics_record_request", |b| {
         b.iter(|| {
-            app.metrics
-                .requests
-                .with_label_values(&[black_box("eu"), black_box("200"), black_box("hit")])
-                .inc();
-            app.metrics
-                .request_duration
-                .with_label_values(&["hit"])
-                .observe(black_box(0.000_04));
+            app.metrics.record_request(
+                black_box(Some(0)),
+                black_box(http::StatusCode::OK),
+                black_box(Some(convocore_gateway::cache::CacheStatus::Hit)),
+                black_box(std::time::Duration::from_micros(40)),
+                black_box(Some("other")),
+            )
         })
     });
 
-    // The access-log line through the JSON formatter into a sink, as the gateway formats it.
-    let subscriber = tracing_subscriber::fmt()
+    // The access-log line: the gateway's own formatter, and tracing-subscriber's JSON formatter
+    // it replaced, both into a sink.
+    let ours = {
+        use tracing_subscriber::layer::SubscriberExt;
+        tracing_subscriber::registry().with(convocore_gateway::log::AccessJson {
+            writer: std::io::sink,
+        })
+    };
+    tracing::subscriber::with_default(ours, || {
+        c.bench_function("access_log_line", |b| b.iter(access_line));
+    });
+    let stock = tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
         .with_current_span(true)
         .with_span_list(false)
         .with_writer(std::io::sink)
         .finish();
-    tracing::subscriber::with_default(subscriber, || {
-        c.bench_function("access_log_line_json", |b| {
-            b.iter(|| {
-                tracing::info!(
-                    target: "access",
-                    request_id = "0123456789abcdef0123456789abcdef",
-                    team = "bench",
-                    agent = "agent-eu",
-                    convo = "c1",
-                    format = "json",
-                    region = "eu",
-                    status = 200u16,
-                    cache = "hit",
-                    duration_ms = 0.041,
-                    upstream_ms = 0.0,
-                    error = "",
-                    "request"
-                );
-            })
-        });
+    tracing::subscriber::with_default(stock, || {
+        c.bench_function("access_log_line_stock_json", |b| b.iter(access_line));
     });
     drop(mock);
+}
+
+fn access_line() {
+    tracing::info!(
+        target: "access",
+        request_id = black_box("0123456789abcdef0123456789abcdef"),
+        team = "bench",
+        agent = "agent-eu",
+        convo = "c1",
+        format = "json",
+        region = "eu",
+        status = 200u16,
+        cache = "hit",
+        duration_ms = black_box(0.041),
+        upstream_ms = 0.0,
+        error = "",
+        "request"
+    );
 }
 
 fn request(uri: &Uri, headers: &HeaderMap) -> Request<Empty<Bytes>> {
