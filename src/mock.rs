@@ -29,6 +29,7 @@ const MAX_RECORDED: usize = 10_000;
 /// One request as the mock saw it.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    pub version: http::Version,
     pub method: String,
     pub path: String,
     pub query: Option<String>,
@@ -264,6 +265,7 @@ async fn answer<B>(state: Arc<State>, req: Request<B>) -> Result<Response<MockBo
             recorded.remove(0);
         }
         recorded.push(Recorded {
+            version: req.version(),
             method: req.method().to_string(),
             path: req.uri().path().to_string(),
             query: req.uri().query().map(str::to_string),

@@ -744,6 +744,8 @@ async fn upstream_over_tls_with_ca_file() {
         seen[0].headers["authorization"],
         format!("Bearer {UPSTREAM_TOKEN}").as_str()
     );
+    // The TLS mock offers h2 and http/1.1 by ALPN: the gateway's client speaks HTTP/2.
+    assert_eq!(seen[0].version, Version::HTTP_2);
     // Plain-HTTP regions still work next to the TLS one.
     let r = gw.get(EXPORT_NA, &token("billing")).await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -991,4 +993,23 @@ async fn renewed_server_certificates_are_picked_up() {
         "the renewed certificate was not served"
     );
     assert_eq!(get(ca_a).await, None, "the old certificate is still served");
+}
+
+/// The admin listener speaks HTTP/1.1 only: an h2c client with prior knowledge gets no answer.
+#[tokio::test]
+async fn admin_listener_is_http1_only() {
+    let gw = Gateway::start().await;
+    let r = gw.admin(Method::GET, "/healthz", &[]).await;
+    assert_eq!(r.status, 200);
+    let h2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let req = Request::get(format!("http://{}/healthz", gw.admin))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), h2.request(req)).await;
+    assert!(
+        matches!(r, Ok(Err(_))),
+        "the admin listener answered HTTP/2: {r:?}"
+    );
 }
