@@ -136,12 +136,12 @@ async fn fetch_routed(
         let result = app.upstream.fetch(region, export, request_id).await;
         let name = app.region_name(region);
         let status = match &result {
-            Ok(f) => f.status.as_str().to_string(),
-            Err(e) => e.label().to_string(),
+            Ok(f) => f.status.as_str(),
+            Err(e) => e.label(),
         };
         app.metrics
             .upstream_requests
-            .with_label_values(&[name, &status])
+            .with_label_values(&[name, status])
             .inc();
         app.metrics
             .upstream_duration
