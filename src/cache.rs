@@ -312,7 +312,12 @@ impl Cache {
     {
         let mut flights = self.flights.lock().await;
         if let Some(rx) = flights.get(key) {
-            return Joined::Flight(rx.clone(), false);
+            // A flight whose task ended without answering (it cannot, short of a panic) must
+            // not answer for the key forever: start a new one instead.
+            let abandoned = rx.has_changed().is_err() && rx.borrow().is_none();
+            if !abandoned {
+                return Joined::Flight(rx.clone(), false);
+            }
         }
         if let (true, Some(store)) = (recheck, &self.store) {
             // A flight removes itself only after storing, so under this lock the store is
@@ -489,6 +494,55 @@ mod tests {
         assert_eq!(Mode::from_headers(&cc("no-cache, no-store")), Mode::Bypass);
         assert_eq!(Mode::from_headers(&cc("max-age=0")), Mode::Refresh);
         assert_eq!(Mode::from_headers(&cc("max-age=60")), Mode::Normal);
+    }
+
+    fn fetched(body: &'static str) -> Fetched {
+        Fetched {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: bytes::Bytes::from_static(body.as_bytes()),
+            storable: true,
+            elapsed: Duration::ZERO,
+            received: Instant::now(),
+            region: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fetch_that_dies_does_not_answer_for_its_key_forever() {
+        let cache = Cache::new(&config::Cache::default());
+        let key = Export {
+            agent: "a".into(),
+            convo: "c".into(),
+            format: Format::Json,
+        };
+        let dead = cache
+            .get(&key, Mode::Normal, || async {
+                if key_is_cursed() {
+                    panic!("the fetch task dies");
+                }
+                Ok(fetched("never"))
+            })
+            .await;
+        assert!(dead.is_err());
+        let answer = cache
+            .get(&key, Mode::Normal, || async { Ok(fetched("ok")) })
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(answer.response.body, "ok");
+        assert_eq!(answer.status, CacheStatus::Miss);
+        let answer = cache
+            .get(&key, Mode::Normal, || async { Ok(fetched("again")) })
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(answer.status, CacheStatus::Hit);
+        assert_eq!(answer.response.body, "ok");
+    }
+
+    fn key_is_cursed() -> bool {
+        true
     }
 
     #[test]
