@@ -15,11 +15,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use bytes::Bytes;
 use http::Method;
-use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
@@ -180,84 +176,6 @@ fn replace_file(path: &Path, contents: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, contents).unwrap();
     std::fs::rename(&tmp, path).unwrap();
-}
-
-/// A gateway started from a rendered `TestConfig` whose text `edit` may change: the harness
-/// renders `[auth]` keys such as `team_claim` itself, so TOML would reject a second
-/// `team_claim` in `TestConfig.auth` as a duplicate key.
-struct RawGateway {
-    addr: std::net::SocketAddr,
-    eu: convocore_gateway::mock::MockConvocore,
-    na: convocore_gateway::mock::MockConvocore,
-    _dir: tempfile::TempDir,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-}
-
-impl RawGateway {
-    async fn start(config: TestConfig, edit: impl Fn(String) -> String) -> RawGateway {
-        let eu = convocore_gateway::mock::MockConvocore::start("eu", UPSTREAM_TOKEN, EU_AGENTS)
-            .await
-            .unwrap();
-        let na = convocore_gateway::mock::MockConvocore::start("na", UPSTREAM_TOKEN, NA_AGENTS)
-            .await
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let token_file = dir.path().join("convocore-token");
-        std::fs::write(&token_file, format!("{UPSTREAM_TOKEN}\n")).unwrap();
-        let text = edit(config.render(&eu.base_url(), &na.base_url(), &token_file));
-        let path = dir.path().join("config.toml");
-        std::fs::write(&path, &text).unwrap();
-        let config = convocore_gateway::Config::load(&path)
-            .unwrap_or_else(|e| panic!("config: {e}\n{text}"));
-        let app = std::sync::Arc::new(
-            convocore_gateway::App::build(config).unwrap_or_else(|e| panic!("app: {e}")),
-        );
-        let listeners = convocore_gateway::Listeners::bind(
-            ([127, 0, 0, 1], 0).into(),
-            ([127, 0, 0, 1], 0).into(),
-        )
-        .await
-        .unwrap();
-        let addr = listeners.api.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(convocore_gateway::run(app, listeners, async move {
-            let _ = rx.await;
-        }));
-        RawGateway {
-            addr,
-            eu,
-            na,
-            _dir: dir,
-            shutdown: Some(tx),
-            task,
-            client: Client::builder(TokioExecutor::new()).build_http(),
-        }
-    }
-
-    async fn get(&self, path: &str, token: &str) -> Resp {
-        send(
-            &self.client,
-            Method::GET,
-            &format!("http://{}{}", self.addr, path),
-            &[("authorization", &format!("Bearer {token}"))],
-        )
-        .await
-    }
-
-    fn upstream_count(&self) -> usize {
-        self.eu.request_count() + self.na.request_count()
-    }
-}
-
-impl Drop for RawGateway {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        self.task.abort();
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -998,17 +916,11 @@ async fn team_falls_back_to_sub_when_the_team_claim_is_absent() {
 
 #[tokio::test]
 async fn team_claim_setting_names_the_claim() {
-    let gw = RawGateway::start(
-        TestConfig {
-            teams: "[teams]\nanalytics = { agents = [\"*\"] }\n".into(),
-            ..Default::default()
-        },
-        |text| {
-            let edited = text.replace("team_claim = \"team\"", "team_claim = \"grp\"");
-            assert_ne!(edited, text, "the harness no longer renders team_claim");
-            edited
-        },
-    )
+    let gw = Gateway::start_with(TestConfig {
+        auth: "team_claim = \"grp\"".into(),
+        teams: "[teams]\nanalytics = { agents = [\"*\"] }\n".into(),
+        ..Default::default()
+    })
     .await;
     // grp names the team; the `team` claim is now just another claim.
     let mut c = claims("billing");

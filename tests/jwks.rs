@@ -20,7 +20,6 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
@@ -398,79 +397,6 @@ fn replace_file(path: &Path, contents: &[u8]) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, contents).unwrap();
     std::fs::rename(&tmp, path).unwrap();
-}
-
-/// A gateway started from a rendered `TestConfig` whose text `edit` may change: the harness
-/// writes `leeway = "30s"` into `[auth]` itself, and TOML rejects a second `leeway`.
-struct RawGateway {
-    addr: std::net::SocketAddr,
-    _eu: convocore_gateway::mock::MockConvocore,
-    _na: convocore_gateway::mock::MockConvocore,
-    _dir: tempfile::TempDir,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-}
-
-impl RawGateway {
-    async fn start(config: TestConfig, edit: impl Fn(String) -> String) -> RawGateway {
-        use convocore_gateway::mock::MockConvocore;
-        let eu = MockConvocore::start("eu", UPSTREAM_TOKEN, EU_AGENTS)
-            .await
-            .unwrap();
-        let na = MockConvocore::start("na", UPSTREAM_TOKEN, NA_AGENTS)
-            .await
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let token_file = dir.path().join("convocore-token");
-        std::fs::write(&token_file, format!("{UPSTREAM_TOKEN}\n")).unwrap();
-        let text = edit(config.render(&eu.base_url(), &na.base_url(), &token_file));
-        let path = dir.path().join("config.toml");
-        std::fs::write(&path, &text).unwrap();
-        let config = convocore_gateway::Config::load(&path)
-            .unwrap_or_else(|e| panic!("config: {e}\n{text}"));
-        let app =
-            Arc::new(convocore_gateway::App::build(config).unwrap_or_else(|e| panic!("app: {e}")));
-        let listeners = convocore_gateway::Listeners::bind(
-            ([127, 0, 0, 1], 0).into(),
-            ([127, 0, 0, 1], 0).into(),
-        )
-        .await
-        .unwrap();
-        let addr = listeners.api.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(convocore_gateway::run(app, listeners, async move {
-            let _ = rx.await;
-        }));
-        RawGateway {
-            addr,
-            _eu: eu,
-            _na: na,
-            _dir: dir,
-            shutdown: Some(tx),
-            task,
-            client: Client::builder(TokioExecutor::new()).build_http(),
-        }
-    }
-
-    async fn get(&self, path: &str, token: &str) -> Resp {
-        send(
-            &self.client,
-            Method::GET,
-            &format!("http://{}{}", self.addr, path),
-            &[("authorization", &format!("Bearer {token}"))],
-        )
-        .await
-    }
-}
-
-impl Drop for RawGateway {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        self.task.abort();
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1110,9 +1036,9 @@ fn write_bundle(a: &JwksServer, b: &JwksServer) -> PathBuf {
 #[tokio::test]
 async fn a_cached_token_is_refused_once_its_exp_passes() {
     // leeway 0, so exp itself is the limit.
-    let gw = RawGateway::start(TestConfig::default(), |text| {
-        assert!(text.contains("leeway = \"30s\""));
-        text.replace("leeway = \"30s\"", "leeway = \"0s\"")
+    let gw = Gateway::start_with(TestConfig {
+        auth: "leeway = \"0s\"".into(),
+        ..Default::default()
     })
     .await;
     let mut c = fresh("billing");

@@ -46,7 +46,7 @@ pub struct TestConfig {
     pub routing: String,
     /// `[routing.agents]` body.
     pub agents: String,
-    /// Lines added to `[auth]`.
+    /// Lines added to `[auth]` (overrides the harness's leeway = 30s / team_claim = "team").
     pub auth: String,
     /// The `[[auth.keys]]` entries, with `{fixtures}` standing for the fixture folder.
     pub keys: String,
@@ -127,6 +127,19 @@ impl TestConfig {
         lines
     }
 
+    /// `[auth]` lines: the test's own, plus `leeway = "30s"` and `team_claim = "team"` unless
+    /// it set them itself.
+    fn auth_lines(&self) -> String {
+        let mut lines = self.auth.clone();
+        if !lines.contains("leeway") {
+            lines.push_str("\nleeway = \"30s\"");
+        }
+        if !lines.contains("team_claim") {
+            lines.push_str("\nteam_claim = \"team\"");
+        }
+        lines
+    }
+
     pub fn render(&self, eu: &str, na: &str, token_file: &Path) -> String {
         let fixtures = fixture("");
         let fixtures = fixtures.to_string_lossy();
@@ -161,8 +174,6 @@ base_url = "{na}"
 [auth]
 issuers = ["{ISSUER}"]
 audiences = ["{AUDIENCE}"]
-leeway = "30s"
-team_claim = "team"
 {auth}
 
 {keys}
@@ -184,7 +195,7 @@ level = "info"
             na_region = self.na_region,
             routing = self.routing,
             agents = self.agents,
-            auth = self.auth,
+            auth = self.auth_lines(),
             keys = self.keys.replace("{fixtures}", fixtures),
             teams = self.teams,
             cache = self.cache,
