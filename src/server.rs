@@ -2,11 +2,16 @@
 //! recipe): on shutdown `/readyz` turns 503, the API listener closes, in-flight requests get
 //! `server.shutdown_grace` to finish, and the admin listener keeps answering until then.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -125,28 +130,24 @@ pub async fn run(
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
         .keep_alive_interval(Duration::from_secs(30));
-    let builder = Arc::new(builder);
+    let api_conns = Connections::new("API", builder, MAX_CONNECTIONS);
     let mut admin_builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     admin_builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT);
-    let admin_builder = Arc::new(admin_builder);
-
-    let api_graceful = GracefulShutdown::new();
-    let admin_graceful = GracefulShutdown::new();
-    let api_slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let admin_slots = Arc::new(Semaphore::new(1024));
+    let admin_conns = Connections::new("admin", admin_builder, 1024);
+    let tls = app.tls.as_ref().map(|t| t.acceptor.clone());
     let Listeners { api, admin } = listeners;
 
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = api.accept() => if let Some(stream) = accepted_or_pause(accepted).await {
-                serve_api(&app, &builder, &api_graceful, &api_slots, stream);
+                api_conns.serve(&app, stream, tls.clone(), api::handle);
             },
             accepted = admin.accept() => if let Some(stream) = accepted_or_pause(accepted).await {
-                serve_admin(&app, &admin_builder, &admin_graceful, &admin_slots, stream);
+                admin_conns.serve(&app, stream, None, admin::handle);
             },
             _ = &mut shutdown => break,
         }
@@ -158,7 +159,10 @@ pub async fn run(
         grace_s = app.config.server.shutdown_grace.as_secs_f64(),
         "shutting down: not ready, API listener closed, draining in-flight requests"
     );
-    let drain = tokio::time::timeout(app.config.server.shutdown_grace, api_graceful.shutdown());
+    let drain = tokio::time::timeout(
+        app.config.server.shutdown_grace,
+        api_conns.graceful.shutdown(),
+    );
     tokio::pin!(drain);
     loop {
         tokio::select! {
@@ -169,12 +173,12 @@ pub async fn run(
                 break;
             }
             accepted = admin.accept() => if let Some(stream) = accepted_or_pause(accepted).await {
-                serve_admin(&app, &admin_builder, &admin_graceful, &admin_slots, stream);
+                admin_conns.serve(&app, stream, None, admin::handle);
             },
         }
     }
     drop(admin);
-    let _ = tokio::time::timeout(Duration::from_secs(1), admin_graceful.shutdown()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), admin_conns.graceful.shutdown()).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -196,72 +200,77 @@ async fn accepted_or_pause(
     }
 }
 
-fn serve_api(
-    app: &Arc<App>,
-    builder: &Arc<auto::Builder<TokioExecutor>>,
-    graceful: &GracefulShutdown,
-    slots: &Arc<Semaphore>,
-    stream: TcpStream,
-) {
-    let Ok(permit) = slots.clone().try_acquire_owned() else {
-        tracing::warn!("connection limit reached; closing a new API connection");
-        return;
-    };
-    let app = app.clone();
-    let builder = builder.clone();
-    let watcher = graceful.watcher();
-    tokio::spawn(async move {
-        let _permit = permit;
-        let service = {
-            let app = app.clone();
-            service_fn(move |req| api::handle(app.clone(), req))
-        };
-        let result = match &app.tls {
-            None => {
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                watcher.watch(conn).await
-            }
-            Some(tls) => {
-                let handshake = tokio::time::timeout(HEADER_TIMEOUT, tls.acceptor.accept(stream));
-                let stream = match handshake.await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                watcher.watch(conn).await
-            }
-        };
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "API connection ended with an error");
-        }
-    });
+/// The connections of one listener: how they are served, watched for the drain, and capped.
+struct Connections {
+    name: &'static str,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: GracefulShutdown,
+    slots: Arc<Semaphore>,
 }
 
-fn serve_admin(
-    app: &Arc<App>,
-    builder: &Arc<auto::Builder<TokioExecutor>>,
-    graceful: &GracefulShutdown,
-    slots: &Arc<Semaphore>,
-    stream: TcpStream,
-) {
-    let Ok(permit) = slots.clone().try_acquire_owned() else {
-        return;
-    };
-    let app = app.clone();
-    let builder = builder.clone();
-    let watcher = graceful.watcher();
-    tokio::spawn(async move {
-        let _permit = permit;
-        let service = service_fn(move |req| admin::handle(app.clone(), req));
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        if let Err(e) = watcher.watch(conn).await {
-            tracing::debug!(error = %e, "admin connection ended with an error");
+impl Connections {
+    fn new(name: &'static str, builder: auto::Builder<TokioExecutor>, max: usize) -> Self {
+        Connections {
+            name,
+            builder: Arc::new(builder),
+            graceful: GracefulShutdown::new(),
+            slots: Arc::new(Semaphore::new(max)),
         }
-    });
+    }
+
+    /// Serves one accepted connection (after a TLS handshake when `tls` is set) in its own
+    /// task, with `handle` as the service; past the cap, the connection is closed at once.
+    fn serve<H, F>(
+        &self,
+        app: &Arc<App>,
+        stream: TcpStream,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        handle: H,
+    ) where
+        H: Fn(Arc<App>, Request<Incoming>) -> F + Copy + Send + Sync + 'static,
+        F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+    {
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                listener = self.name,
+                "connection limit reached; closing a new connection"
+            );
+            return;
+        };
+        let app = app.clone();
+        let builder = self.builder.clone();
+        let watcher = self.graceful.watcher();
+        let name = self.name;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = service_fn(move |req| handle(app.clone(), req));
+            let result = match tls {
+                None => {
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
+                Some(acceptor) => {
+                    let stream = match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(listener = name, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(listener = name, error = %e, "connection ended with an error");
+            }
+        });
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.
