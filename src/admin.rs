@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
@@ -23,18 +23,8 @@ pub async fn handle<B>(
     let path = req.uri().path();
     if let Some(ids) = path.strip_prefix(PURGE_PREFIX) {
         if let Some((agent, convo)) = ids.split_once("/convos/") {
-            let response = match purge(&app, &req, agent, convo).await {
-                Ok(r) => r,
-                Err(e) => {
-                    let mut r = e.into_response();
-                    if r.status() == StatusCode::METHOD_NOT_ALLOWED {
-                        r.headers_mut()
-                            .insert(ALLOW, HeaderValue::from_static("DELETE"));
-                    }
-                    r
-                }
-            };
-            return Ok(response);
+            let response = purge(&app, &req, agent, convo).await;
+            return Ok(response.unwrap_or_else(ApiError::into_response));
         }
     }
     let response = match (req.method(), path) {
@@ -59,10 +49,7 @@ pub async fn handle<B>(
             Some(why) => error_response(StatusCode::SERVICE_UNAVAILABLE, "not ready", Some(why)),
         },
         (_, "/healthz" | "/readyz" | "/metrics") => {
-            let mut r = ApiError::MethodNotSupported.into_response();
-            r.headers_mut()
-                .insert(ALLOW, HeaderValue::from_static("GET"));
-            r
+            ApiError::MethodNotSupported("GET").into_response()
         }
         _ => error_response(StatusCode::NOT_FOUND, "no such admin route", None),
     };
@@ -78,7 +65,7 @@ async fn purge<B>(
     convo: &str,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     if req.method() != Method::DELETE {
-        return Err(ApiError::MethodNotSupported);
+        return Err(ApiError::MethodNotSupported("DELETE"));
     }
     if !valid_id(agent) || !valid_id(convo) {
         return Err(ApiError::BadRequest(

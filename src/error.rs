@@ -74,8 +74,9 @@ pub enum ApiError {
     BadRequest(&'static str),
     #[error("not found")]
     NotFound,
+    /// The method is not allowed on this path; the value is the `Allow` header.
     #[error("method not supported")]
-    MethodNotSupported,
+    MethodNotSupported(&'static str),
     #[error("unauthorized: {}", .0.reason())]
     Unauthorized(AuthFailure),
     #[error("forbidden")]
@@ -93,7 +94,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::MethodNotSupported => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotSupported(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Upstream(UpstreamError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
@@ -115,7 +116,10 @@ impl ApiError {
                 "no such route",
                 Some("the API serves GET /v3/agents/{agentId}/convos/{convoId}/export"),
             ),
-            ApiError::MethodNotSupported => ("method not supported", Some("only GET is allowed")),
+            ApiError::MethodNotSupported(_) => (
+                "method not supported",
+                Some("see the Allow header for the methods this path takes"),
+            ),
             ApiError::Unauthorized(f) => (f.message(), Some(f.issue())),
             ApiError::Forbidden(issue) => ("forbidden", Some(issue)),
             ApiError::Upstream(UpstreamError::Timeout) => (
@@ -148,9 +152,9 @@ impl ApiError {
         let (message, issue) = self.message_and_issue();
         let mut resp = error_response(self.status(), message, issue);
         match &self {
-            ApiError::MethodNotSupported => {
+            ApiError::MethodNotSupported(allow) => {
                 resp.headers_mut()
-                    .insert(ALLOW, HeaderValue::from_static("GET"));
+                    .insert(ALLOW, HeaderValue::from_static(allow));
             }
             ApiError::Unauthorized(failure) => {
                 resp.headers_mut()
@@ -235,7 +239,7 @@ mod tests {
         assert_eq!(v["message"], "token expired");
         assert_eq!(v["issues"][0]["message"], "exp is in the past");
 
-        let resp = ApiError::MethodNotSupported.into_response();
+        let resp = ApiError::MethodNotSupported("GET").into_response();
         assert_eq!(resp.status(), 405);
         assert_eq!(resp.headers()[ALLOW], "GET");
         assert_eq!(body(resp).await["code"], "METHOD_NOT_SUPPORTED");

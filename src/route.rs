@@ -49,7 +49,7 @@ pub fn parse(method: &Method, uri: &Uri) -> Result<Export, ApiError> {
         .ok_or(ApiError::NotFound)?;
     let (agent, convo) = (&ids[..at], &ids[at + MIDDLE.len()..]);
     if method != Method::GET {
-        return Err(ApiError::MethodNotSupported);
+        return Err(ApiError::MethodNotSupported("GET"));
     }
     if !valid_id(agent) {
         return Err(ApiError::BadRequest(
@@ -166,7 +166,10 @@ mod tests {
             Method::HEAD,
             Method::PATCH,
         ] {
-            assert!(matches!(parse(&m, &uri), Err(ApiError::MethodNotSupported)));
+            assert!(matches!(
+                parse(&m, &uri),
+                Err(ApiError::MethodNotSupported("GET"))
+            ));
         }
     }
 }
