@@ -102,7 +102,10 @@ pub fn load_source(
                 AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(pem),
                 AlgorithmFamily::Ec => DecodingKey::from_ec_pem(pem),
                 AlgorithmFamily::Ed => DecodingKey::from_ed_pem(pem),
-                AlgorithmFamily::Hmac => unreachable_hmac(),
+                // Refused above; an HMAC secret is never a PEM public key.
+                AlgorithmFamily::Hmac => {
+                    Err(jsonwebtoken::errors::ErrorKind::InvalidKeyFormat.into())
+                }
             }
             .map_err(|e| format!("not a {alg:?} public key in PEM: {e}"))?;
             Ok(vec![Key {
@@ -204,10 +207,6 @@ pub fn load_source(
     }
 
     Err(err("-", "no usable key source".into()))
-}
-
-fn unreachable_hmac() -> Result<DecodingKey, jsonwebtoken::errors::Error> {
-    Err(jsonwebtoken::errors::ErrorKind::InvalidKeyFormat.into())
 }
 
 fn trim_newline(s: &[u8]) -> &[u8] {
