@@ -37,7 +37,7 @@ impl App {
         let metrics = Metrics::new(&region_names, &team_names)
             .map_err(|e| ConfigError::new(&config.path, "-", format!("metrics: {e}")))?;
         let upstream = Upstream::from_config(&config)?;
-        let auth = Auth::from_config(&config, upstream.client(), &metrics.jwks())?;
+        let auth = Auth::from_config(&config, upstream.connector(), &metrics.jwks())?;
         let router = Router::new(&config, &upstream);
         let cache = Cache::new(&config.cache);
         let tls = match &config.server.tls {

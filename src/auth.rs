@@ -14,8 +14,7 @@ use crate::config::{Config, ConfigError};
 use crate::error::{ApiError, AuthFailure};
 use crate::jwks::JwksMetrics;
 use crate::keys::{load_source, Source};
-use crate::upstream::HttpClient;
-use crate::watch::Watched;
+use crate::pool::Connector;
 
 /// Verified tokens remembered at once, and for how long at most (never past a token's `exp`).
 const VERIFIED_CAPACITY: u64 = 100_000;
@@ -69,13 +68,13 @@ impl Auth {
     /// Loads every key (files are then followed for changes). Errors name the key entry.
     pub fn from_config(
         config: &Config,
-        client: &Arc<Watched<HttpClient>>,
+        connector: &Connector,
         metrics: &JwksMetrics,
     ) -> Result<Auth, ConfigError> {
         let auth = &config.auth;
         let mut sources = Vec::with_capacity(auth.keys.len());
         for (i, spec) in auth.keys.iter().enumerate() {
-            sources.push(load_source(config, i, spec, client, metrics)?);
+            sources.push(load_source(config, i, spec, connector, metrics)?);
         }
         let mut validation = Validation::new(Algorithm::RS256);
         validation.algorithms = Vec::new();

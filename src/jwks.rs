@@ -1,4 +1,4 @@
-//! `jwks_url` keys: fetched over the upstream's rustls client (so `upstream.ca_file` is trusted
+//! `jwks_url` keys: fetched with the upstream's TLS configuration (so `upstream.ca_file` is trusted
 //! too), refreshed in the background, refetched early for an unknown `kid` (at most once per
 //! [`UNKNOWN_KID_INTERVAL`], concurrent triggers sharing one fetch), and kept through fetch
 //! failures for `max_stale`, after which they stop verifying and the gateway is not ready.
@@ -21,7 +21,7 @@ use prometheus::{Gauge, IntCounterVec};
 use tokio::time::Instant;
 
 use crate::keys::{parse_jwks, Key};
-use crate::upstream::HttpClient;
+use crate::pool::Origin;
 use crate::watch::Watched;
 
 /// An unknown `kid` triggers at most one early refetch per URL in this long.
@@ -45,7 +45,7 @@ pub struct JwksMetrics {
 pub struct RemoteJwks {
     url: Uri,
     pinned: Option<Algorithm>,
-    client: Arc<Watched<HttpClient>>,
+    origin: Origin,
     /// The last good key set (empty until the first fetch succeeds).
     pub keys: Arc<Watched<Vec<Key>>>,
     refresh: Duration,
@@ -75,7 +75,7 @@ impl RemoteJwks {
     pub fn start(
         url: Uri,
         pinned: Option<Algorithm>,
-        client: Arc<Watched<HttpClient>>,
+        origin: Origin,
         refresh: Duration,
         max_stale: Duration,
         metrics: JwksMetrics,
@@ -83,7 +83,7 @@ impl RemoteJwks {
         let jwks = Arc::new(RemoteJwks {
             url,
             pinned,
-            client,
+            origin,
             keys: Watched::fixed(Vec::new()),
             refresh,
             max_stale,
@@ -210,7 +210,8 @@ impl RemoteJwks {
     }
 
     async fn download(&self) -> Result<Bytes, String> {
-        let request = Request::get(self.url.clone())
+        let path = self.url.path_and_query().map_or("/", |p| p.as_str());
+        let request = Request::get(path)
             .header(ACCEPT, "application/json, application/jwk-set+json")
             .header(
                 http::header::USER_AGENT,
@@ -218,9 +219,8 @@ impl RemoteJwks {
             )
             .body(Empty::<Bytes>::new())
             .map_err(|e| e.to_string())?;
-        let client = self.client.get();
         let exchange = async move {
-            let response = client.request(request).await.map_err(|e| {
+            let (response, conn) = self.origin.send(request).await.map_err(|e| {
                 let mut s = e.to_string();
                 if let Some(source) = std::error::Error::source(&e) {
                     s.push_str(": ");
@@ -235,6 +235,7 @@ impl RemoteJwks {
                 .collect()
                 .await
                 .map_err(|e| format!("body: {e}"))?;
+            self.origin.release(conn);
             Ok(body.to_bytes())
         };
         tokio::time::timeout(FETCH_TIMEOUT, exchange)

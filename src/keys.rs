@@ -11,7 +11,7 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 
 use crate::config::{self, Config, ConfigError};
 use crate::jwks::{JwksMetrics, RemoteJwks};
-use crate::upstream::HttpClient;
+use crate::pool::{Connector, Origin};
 use crate::watch::Watched;
 
 /// `jwks_url` defaults: refetch period and how long the last good set outlives fetch failures.
@@ -73,7 +73,7 @@ pub fn load_source(
     config: &Config,
     i: usize,
     spec: &config::Key,
-    client: &Arc<Watched<HttpClient>>,
+    connector: &Connector,
     metrics: &JwksMetrics,
 ) -> Result<Source, ConfigError> {
     let at = format!("auth.keys[{i}]");
@@ -191,10 +191,11 @@ pub fn load_source(
         let uri: Uri = url
             .parse()
             .map_err(|e| err("jwks_url", format!("{url:?} is not a URL: {e}")))?;
+        let origin = Origin::new(&uri, connector.clone()).map_err(|m| err("jwks_url", m))?;
         let remote = RemoteJwks::start(
             uri,
             alg,
-            client.clone(),
+            origin,
             spec.refresh.unwrap_or(DEFAULT_REFRESH),
             spec.max_stale.unwrap_or(DEFAULT_MAX_STALE),
             metrics.clone(),

@@ -16,6 +16,7 @@ pub mod keys;
 pub mod log;
 pub mod metrics;
 pub mod mock;
+pub mod pool;
 pub mod route;
 pub mod routing;
 pub mod server;

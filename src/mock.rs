@@ -57,6 +57,10 @@ struct State {
     faults: Mutex<Faults>,
     /// Bumped by [`MockConvocore::bump_version`]; part of every body, so a refetch shows.
     version: AtomicU64,
+    /// Connections accepted so far.
+    accepted: AtomicU64,
+    /// Bumped by [`MockConvocore::drop_connections`]: every open connection closes.
+    drops: tokio::sync::watch::Sender<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -139,6 +143,8 @@ impl MockConvocore {
             recorded: Mutex::new(Vec::new()),
             faults: Mutex::new(Faults::default()),
             version: AtomicU64::new(1),
+            accepted: AtomicU64::new(0),
+            drops: tokio::sync::watch::Sender::new(0),
         });
         let is_tls = tls.is_some();
         let task = tokio::spawn(serve(listener, state.clone(), tls));
@@ -197,6 +203,17 @@ impl MockConvocore {
     }
 
     /// Stops accepting and closes every connection: later requests are refused.
+    /// Connections accepted so far (TCP, before any TLS handshake).
+    pub fn connections(&self) -> u64 {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Closes every open connection without a word, as a server dropping idle keep-alive
+    /// connections does; the listener keeps accepting.
+    pub fn drop_connections(&self) {
+        self.state.drops.send_modify(|n| *n += 1);
+    }
+
     pub fn stop(&mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
@@ -219,24 +236,34 @@ async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustl
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
+        state.accepted.fetch_add(1, Ordering::SeqCst);
+        let mut drops = state.drops.subscribe();
+        drops.mark_unchanged();
         let state = state.clone();
         let builder = builder.clone();
         let tls = tls.clone();
         connections.spawn(async move {
             let service = service_fn(move |req| answer(state.clone(), req));
-            match tls {
-                None => {
-                    let _ = builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                }
-                Some(acceptor) => {
-                    if let Ok(stream) = acceptor.accept(stream).await {
+            let serve = async move {
+                match tls {
+                    None => {
                         let _ = builder
                             .serve_connection(TokioIo::new(stream), service)
                             .await;
                     }
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
                 }
+            };
+            // Dropping the connection's future closes its socket.
+            tokio::select! {
+                _ = serve => {}
+                _ = drops.changed() => {}
             }
         });
     }

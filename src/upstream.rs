@@ -1,6 +1,6 @@
-//! The Convocore client: one pooled hyper-util client over rustls (HTTP/1.1 and HTTP/2 by
-//! ALPN), the regions with their tokens, and one exchange per export with the whole-exchange
-//! timeout and the response-size cap.
+//! The Convocore client: the regions with their tokens and connection pools (HTTP/1.1, and
+//! HTTP/2 by ALPN over rustls; see [`crate::pool`]), and one exchange per export with the
+//! whole-exchange timeout and the response-size cap.
 //!
 //! The upstream request is built from the parsed [`Export`], never by forwarding the caller's
 //! request, so no caller header can reach Convocore by accident.
@@ -14,21 +14,16 @@ use http::header::{
     HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_DISPOSITION,
     CONTENT_LENGTH, CONTENT_TYPE, ETAG, LAST_MODIFIED, USER_AGENT,
 };
-use http::{HeaderMap, Request, StatusCode};
+use http::{HeaderMap, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
 use crate::config::{Config, ConfigError};
+use crate::pool::{tls_config, Connector, Origin, PoolError};
 use crate::route::{Export, Format};
 use crate::watch::Watched;
 
-pub type SharedError = Arc<dyn std::error::Error + Send + Sync>;
-/// The pooled rustls client, shared by the upstream and the JWKS fetches.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+pub use crate::pool::SharedError;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -66,8 +61,10 @@ pub struct Region {
     pub name: String,
     /// `X-Convocore-Region`, built once.
     pub header: HeaderValue,
-    /// `https://eu-gcp-api.vg-stuff.com/v3`, without a trailing slash.
-    base: String,
+    /// The path of `base_url` (`/v3`), without a trailing slash.
+    path: String,
+    /// Connections to `base_url`'s origin.
+    origin: Origin,
     /// `Bearer <shared token>`, marked sensitive; follows `token_file`.
     authorization: Arc<Watched<HeaderValue>>,
 }
@@ -90,7 +87,7 @@ pub struct Fetched {
 }
 
 pub struct Upstream {
-    client: Arc<Watched<HttpClient>>,
+    connector: Connector,
     pub regions: Vec<Region>,
     request_timeout: Duration,
     max_response_bytes: u64,
@@ -100,17 +97,19 @@ pub struct Upstream {
 impl Upstream {
     pub fn from_config(config: &Config) -> Result<Upstream, ConfigError> {
         let up = &config.upstream;
-        let connect_timeout = up.connect_timeout;
-        let client = match &up.ca_file {
+        let tls = match &up.ca_file {
             Some(file) => {
                 let path = config.resolve(file);
-                Watched::file(&path, move |pem| build_client(connect_timeout, Some(pem)))
+                Watched::file(&path, |pem| tls_config(Some(pem)))
                     .map_err(|m| ConfigError::new(&config.path, "upstream.ca_file", m))?
             }
             None => Watched::fixed(
-                build_client(connect_timeout, None)
-                    .map_err(|m| ConfigError::new(&config.path, "upstream", m))?,
+                tls_config(None).map_err(|m| ConfigError::new(&config.path, "upstream", m))?,
             ),
+        };
+        let connector = Connector {
+            tls,
+            connect_timeout: up.connect_timeout,
         };
 
         let shared = token_source(
@@ -134,6 +133,13 @@ impl Upstream {
                     "no Convocore token source",
                 )
             })?;
+            let base_err =
+                |m: String| ConfigError::new(&config.path, format!("regions.{name}.base_url"), m);
+            let base: Uri = region
+                .base_url
+                .parse()
+                .map_err(|e| base_err(format!("not a URL: {e}")))?;
+            let origin = Origin::new(&base, connector.clone()).map_err(base_err)?;
             regions.push(Region {
                 header: HeaderValue::from_str(name).map_err(|_| {
                     ConfigError::new(
@@ -143,12 +149,13 @@ impl Upstream {
                     )
                 })?,
                 name: name.clone(),
-                base: region.base_url.trim_end_matches('/').to_string(),
+                path: base.path().trim_end_matches('/').to_string(),
+                origin,
                 authorization,
             });
         }
         Ok(Upstream {
-            client,
+            connector,
             regions,
             request_timeout: up.request_timeout,
             max_response_bytes: up.max_response_bytes,
@@ -159,9 +166,10 @@ impl Upstream {
         })
     }
 
-    /// The client (it follows `upstream.ca_file`), for other outbound HTTPS calls.
-    pub fn client(&self) -> &Arc<Watched<HttpClient>> {
-        &self.client
+    /// How to connect (TLS following `upstream.ca_file`, `connect_timeout`), for other
+    /// outbound HTTPS calls.
+    pub fn connector(&self) -> &Connector {
+        &self.connector
     }
 
     pub fn region_index(&self, name: &str) -> Option<usize> {
@@ -182,7 +190,7 @@ impl Upstream {
         })?;
         let uri = format!(
             "{}/agents/{}/convos/{}/export?format={}",
-            region.base,
+            region.path,
             export.agent,
             export.convo,
             export.format.as_str()
@@ -200,15 +208,12 @@ impl Upstream {
             .map_err(|e| UpstreamError::Protocol(Arc::new(e)))?;
 
         let started = Instant::now();
-        let client = self.client.get();
         let max = self.max_response_bytes;
+        let origin = &region.origin;
         let exchange = async move {
-            let response = client.request(request).await.map_err(|e| {
-                if e.is_connect() {
-                    UpstreamError::Unreachable(Arc::new(e))
-                } else {
-                    UpstreamError::Protocol(Arc::new(e))
-                }
+            let (response, conn) = origin.send(request).await.map_err(|e| match e {
+                PoolError::Connect(e) => UpstreamError::Unreachable(e),
+                PoolError::Http(e) => UpstreamError::Protocol(Arc::new(e)),
             })?;
             let (parts, body) = response.into_parts();
             let declared = parts
@@ -221,6 +226,7 @@ impl Upstream {
             }
             let limit = usize::try_from(max).unwrap_or(usize::MAX);
             let body = read_body(body, limit, declared).await?;
+            origin.release(conn);
             Ok((parts, body))
         };
         let (parts, body) = tokio::time::timeout(self.request_timeout, exchange)
@@ -280,46 +286,6 @@ async fn read_body(
         buf.extend_from_slice(&data);
     }
     Ok(buf.freeze())
-}
-
-fn build_client(connect_timeout: Duration, extra_ca: Option<&[u8]>) -> Result<HttpClient, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(pem) = extra_ca {
-        let mut added = 0;
-        for cert in rustls_pemfile::certs(&mut &pem[..]) {
-            let cert = cert.map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("unusable CA certificate: {e}"))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err("no PEM certificate found".to_string());
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| format!("TLS setup: {e}"))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
-        .build(https))
 }
 
 /// `token_env` / `token_file` to a watched `Authorization` value; `None` when neither is set.

@@ -52,21 +52,6 @@ fn revision(r: &Resp) -> String {
         .to_string()
 }
 
-/// Fires `n` concurrent GETs of `path` and returns every response.
-async fn concurrent(gw: &Arc<Gateway>, n: usize, path: &'static str, token: &str) -> Vec<Resp> {
-    let mut set = JoinSet::new();
-    for _ in 0..n {
-        let gw = gw.clone();
-        let token = token.to_string();
-        set.spawn(async move { gw.get(path, &token).await });
-    }
-    let mut out = Vec::with_capacity(n);
-    while let Some(r) = set.join_next().await {
-        out.push(r.unwrap());
-    }
-    out
-}
-
 fn purge_token(team: &str) -> String {
     let mut c = claims(team);
     c["scope"] = "openid convocore-gateway:purge".into();

@@ -629,6 +629,71 @@ async fn refused_connection_is_502() {
 }
 
 #[tokio::test]
+async fn sequential_exports_reuse_one_upstream_connection() {
+    let gw = Gateway::start().await;
+    for i in 0..5 {
+        let r = gw.get(EXPORT_EU, &token("billing")).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+    assert_eq!(gw.eu.request_count(), 5);
+    assert_eq!(gw.eu.connections(), 1, "keep-alive to the upstream");
+    // Every request on it was complete: the right path and the shared token each time.
+    for seen in gw.eu.requests() {
+        assert_eq!(seen.path, "/v3/agents/agent-eu/convos/c1/export");
+        assert_eq!(seen.version, Version::HTTP_11);
+        assert_eq!(
+            seen.headers["authorization"],
+            format!("Bearer {UPSTREAM_TOKEN}").as_str()
+        );
+        assert!(seen.headers.contains_key("host"));
+    }
+}
+
+#[tokio::test]
+async fn concurrent_exports_open_connections_that_are_then_reused() {
+    let gw = Arc::new(Gateway::start().await);
+    for r in concurrent(&gw, 16, EXPORT_EU, &token("billing")).await {
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let opened = gw.eu.connections();
+    assert!(
+        (1..=16).contains(&opened),
+        "{opened} connections for 16 requests"
+    );
+    for _ in 0..10 {
+        let r = gw.get(EXPORT_EU, &token("billing")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(gw.eu.request_count(), 26);
+    assert_eq!(gw.eu.connections(), opened, "idle connections are reused");
+}
+
+#[tokio::test]
+async fn connections_the_upstream_closed_while_idle_are_replaced() {
+    let gw = Gateway::start().await;
+    let r = gw.get(EXPORT_EU, &token("billing")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(gw.eu.connections(), 1);
+    for round in 0..5 {
+        // The upstream drops its idle keep-alive connections without a word, and the very
+        // next export must still succeed (on a new connection, or once the gateway notices,
+        // by retrying the unsent request there).
+        gw.eu.drop_connections();
+        if round % 2 == 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let r = gw.get(EXPORT_EU, &token("billing")).await;
+        assert_eq!(r.status, 200, "round {round}: {}", r.text());
+    }
+    assert_eq!(
+        gw.eu.request_count(),
+        6,
+        "each export reached the upstream once"
+    );
+    assert_eq!(gw.eu.connections(), 6);
+}
+
+#[tokio::test]
 async fn oversize_bodies_are_502_never_truncated() {
     let gw = Gateway::start_with(TestConfig {
         upstream: "max_response_bytes = \"64KiB\"\n".into(),
@@ -725,15 +790,17 @@ async fn upstream_over_tls_with_ca_file() {
     let na = MockConvocore::start("na", UPSTREAM_TOKEN, NA_AGENTS)
         .await
         .unwrap();
-    let gw = Gateway::start_with_mocks(
-        TestConfig {
-            upstream: format!("ca_file = \"{}\"\n", ca_path.display()),
-            ..Default::default()
-        },
-        eu,
-        na,
-    )
-    .await;
+    let gw = Arc::new(
+        Gateway::start_with_mocks(
+            TestConfig {
+                upstream: format!("ca_file = \"{}\"\n", ca_path.display()),
+                ..Default::default()
+            },
+            eu,
+            na,
+        )
+        .await,
+    );
     let r = gw.get(EXPORT_EU, &token("billing")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-convocore-region"), Some("eu"));
@@ -746,6 +813,16 @@ async fn upstream_over_tls_with_ca_file() {
     );
     // The TLS mock offers h2 and http/1.1 by ALPN: the gateway's client speaks HTTP/2.
     assert_eq!(seen[0].version, Version::HTTP_2);
+    // Later exports share that HTTP/2 connection, concurrent ones included.
+    for r in concurrent(&gw, 8, EXPORT_EU, &token("billing")).await {
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(gw.eu.request_count(), 9);
+    assert_eq!(
+        gw.eu.connections(),
+        1,
+        "one HTTP/2 connection for every export"
+    );
     // Plain-HTTP regions still work next to the TLS one.
     let r = gw.get(EXPORT_NA, &token("billing")).await;
     assert_eq!(r.status, 200, "{}", r.text());

@@ -485,3 +485,18 @@ pub fn test_pki() -> (String, String, String) {
     let cert = params.signed_by(&key, &issuer).unwrap();
     (ca_cert.pem(), cert.pem(), key.serialize_pem())
 }
+
+/// Fires `n` concurrent GETs of `path` and returns every response.
+pub async fn concurrent(gw: &Arc<Gateway>, n: usize, path: &'static str, token: &str) -> Vec<Resp> {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let gw = gw.clone();
+        let token = token.to_string();
+        set.spawn(async move { gw.get(path, &token).await });
+    }
+    let mut out = Vec::with_capacity(n);
+    while let Some(r) = set.join_next().await {
+        out.push(r.unwrap());
+    }
+    out
+}

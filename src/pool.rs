@@ -1,0 +1,325 @@
+//! Connections to one origin (scheme, host, port): the upstream regions and `jwks_url`.
+//!
+//! hyper's own client connections (`hyper::client::conn`), pooled here instead of through
+//! hyper-util's general-purpose client: an origin is fixed at start, so a pool is one list of
+//! idle HTTP/1.1 senders (most recently used first) and at most one shared HTTP/2 sender,
+//! and an exchange costs one uncontended lock, no key hashing, no extra task to put the
+//! connection back. `https` origins offer h2 and http/1.1 by ALPN; `http` origins speak
+//! HTTP/1.1.
+//!
+//! Limits: at most [`MAX_IDLE`] idle HTTP/1.1 connections per origin, each kept at most
+//! [`IDLE_TIMEOUT`]; `connect_timeout` bounds the TCP connect, the TLS handshake and the HTTP/2
+//! preface together. A request that could not be written on a reused connection (the server
+//! closed it while idle) is retried once on a new one; nothing is retried once written.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, HOST};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::watch::Watched;
+
+/// Idle HTTP/1.1 connections kept per origin.
+pub const MAX_IDLE: usize = 256;
+/// How long an idle connection is kept.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+type Body = Empty<Bytes>;
+pub type SharedError = Arc<dyn std::error::Error + Send + Sync>;
+
+/// What every origin connects with: the TLS client configuration (it follows
+/// `upstream.ca_file`) and `connect_timeout`.
+#[derive(Clone)]
+pub struct Connector {
+    pub tls: Arc<Watched<rustls::ClientConfig>>,
+    pub connect_timeout: Duration,
+}
+
+/// A failed exchange.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// No connection: DNS, TCP connect, TLS handshake, `connect_timeout`.
+    #[error("connect: {0}")]
+    Connect(#[source] SharedError),
+    /// The connection failed during the exchange.
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+/// The connection a response arrived on: give it back with [`Origin::release`] once its body
+/// has been read to the end, or drop it.
+pub struct Conn(Option<Idle1>);
+
+struct Idle1 {
+    sender: http1::SendRequest<Body>,
+    since: Instant,
+    /// The TLS configuration's version it was made with: a new CA bundle retires it.
+    tls_version: u64,
+}
+
+enum Sender {
+    H1(Idle1),
+    H2(http2::SendRequest<Body>),
+}
+
+#[derive(Default)]
+struct Idle {
+    /// Most recently used last.
+    h1: VecDeque<Idle1>,
+    h2: Option<(http2::SendRequest<Body>, u64)>,
+}
+
+pub struct Origin {
+    scheme: Scheme,
+    authority: Authority,
+    /// Host without IPv6 brackets, for connecting.
+    host: String,
+    port: u16,
+    /// For `https`: the name the certificate must carry.
+    server_name: Option<ServerName<'static>>,
+    host_header: HeaderValue,
+    connector: Connector,
+    idle: Mutex<Idle>,
+}
+
+impl Origin {
+    /// The origin of an absolute `http` or `https` URL.
+    pub fn new(url: &Uri, connector: Connector) -> Result<Origin, String> {
+        let scheme = url.scheme().cloned().ok_or("the URL has no scheme")?;
+        let https = if scheme == Scheme::HTTPS {
+            true
+        } else if scheme == Scheme::HTTP {
+            false
+        } else {
+            return Err(format!("unsupported scheme {scheme}"));
+        };
+        let authority = url.authority().cloned().ok_or("the URL has no host")?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let server_name = if https {
+            Some(
+                ServerName::try_from(host.clone())
+                    .map_err(|_| format!("{host:?} is not a TLS server name"))?,
+            )
+        } else {
+            None
+        };
+        let host_header = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| "the host is not a header value".to_string())?;
+        Ok(Origin {
+            scheme,
+            authority,
+            host,
+            port,
+            server_name,
+            host_header,
+            connector,
+            idle: Mutex::new(Idle::default()),
+        })
+    }
+
+    /// Sends `req` (origin-form URI: path and query) and returns the response head and body
+    /// with the connection it came on.
+    pub async fn send(&self, req: Request<Body>) -> Result<(Response<Incoming>, Conn), PoolError> {
+        let mut req = Some(req);
+        // Two attempts at most: the second only when a reused connection turned out closed
+        // before the request was written.
+        for _ in 0..2 {
+            let Some(mut request) = req.take() else { break };
+            let (sender, reused) = self.checkout().await?;
+            let failed = match sender {
+                Sender::H1(mut idle) => {
+                    request.headers_mut().insert(HOST, self.host_header.clone());
+                    match idle.sender.try_send_request(request).await {
+                        Ok(response) => return Ok((response, Conn(Some(idle)))),
+                        Err(e) => e,
+                    }
+                }
+                Sender::H2(mut sender) => {
+                    request.headers_mut().remove(HOST);
+                    let mut parts = std::mem::take(request.uri_mut()).into_parts();
+                    parts.scheme = Some(self.scheme.clone());
+                    parts.authority = Some(self.authority.clone());
+                    *request.uri_mut() =
+                        Uri::from_parts(parts).map_err(|e| PoolError::Connect(Arc::new(e)))?;
+                    match sender.try_send_request(request).await {
+                        Ok(response) => return Ok((response, Conn(None))),
+                        Err(e) => e,
+                    }
+                }
+            };
+            let mut failed = failed;
+            match (reused, failed.take_message()) {
+                (true, Some(unsent)) => req = Some(unsent),
+                _ => return Err(PoolError::Http(failed.into_error())),
+            }
+        }
+        Err(PoolError::Connect(Arc::new(std::io::Error::other(
+            "the connection closed before the request was sent",
+        ))))
+    }
+
+    /// Returns a connection whose response body was read to the end.
+    pub fn release(&self, conn: Conn) {
+        let Some(mut idle) = conn.0 else { return };
+        if idle.sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        idle.since = now;
+        let mut pool = self.lock();
+        while pool
+            .h1
+            .front()
+            .is_some_and(|c| now.saturating_duration_since(c.since) > IDLE_TIMEOUT)
+        {
+            pool.h1.pop_front();
+        }
+        if pool.h1.len() < MAX_IDLE {
+            pool.h1.push_back(idle);
+        }
+    }
+
+    /// Idle HTTP/1.1 connections, for tests.
+    pub fn idle_connections(&self) -> usize {
+        self.lock().h1.len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Idle> {
+        // The pool holds no invariant a panic could break halfway.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A live connection: the shared HTTP/2 one, the most recently used idle HTTP/1.1 one, or
+    /// a new one; `true` when it is reused.
+    async fn checkout(&self) -> Result<(Sender, bool), PoolError> {
+        let tls_version = self.connector.tls.version();
+        loop {
+            let candidate = {
+                let mut pool = self.lock();
+                if let Some((h2, version)) = &pool.h2 {
+                    if !h2.is_closed() && *version == tls_version {
+                        return Ok((Sender::H2(h2.clone()), true));
+                    }
+                    pool.h2 = None;
+                }
+                pool.h1.pop_back()
+            };
+            // Each turn takes one connection out of the bounded idle list.
+            let Some(mut idle) = candidate else { break };
+            if idle.tls_version != tls_version
+                || idle.since.elapsed() > IDLE_TIMEOUT
+                || idle.sender.is_closed()
+            {
+                continue;
+            }
+            // Just released: its connection task may still be finishing the last response.
+            if idle.sender.ready().await.is_ok() {
+                return Ok((Sender::H1(idle), true));
+            }
+        }
+        // Boxed: the connect future (TLS and HTTP/2 handshakes) is kilobytes, and inline it
+        // would make every exchange's future that large, copied at every await of a reuse.
+        let sender = tokio::time::timeout(self.connector.connect_timeout, Box::pin(self.connect()))
+            .await
+            .map_err(|_| {
+                PoolError::Connect(Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect_timeout",
+                )))
+            })??;
+        Ok((sender, false))
+    }
+
+    async fn connect(&self) -> Result<Sender, PoolError> {
+        let tls_version = self.connector.tls.version();
+        let connect_err = |e: std::io::Error| PoolError::Connect(Arc::new(e));
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(connect_err)?;
+        tcp.set_nodelay(true).map_err(connect_err)?;
+        let Some(name) = &self.server_name else {
+            return handshake_h1(tcp, tls_version).await;
+        };
+        let config = self.connector.tls.get();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name.clone(), tcp)
+            .await
+            .map_err(connect_err)?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return handshake_h1(tls, tls_version).await;
+        }
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| PoolError::Connect(Arc::new(e)))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        self.lock().h2 = Some((sender.clone(), tls_version));
+        Ok(Sender::H2(sender))
+    }
+}
+
+async fn handshake_h1<I>(io: I, tls_version: u64) -> Result<Sender, PoolError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| PoolError::Connect(Arc::new(e)))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(Sender::H1(Idle1 {
+        sender,
+        since: Instant::now(),
+        tls_version,
+    }))
+}
+
+/// The TLS client configuration: webpki's roots plus an optional PEM bundle (`upstream.ca_file`),
+/// ALPN h2 then http/1.1.
+pub fn tls_config(extra_ca: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = extra_ca {
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut &pem[..]) {
+            let cert = cert.map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("unusable CA certificate: {e}"))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err("no PEM certificate found".to_string());
+        }
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS setup: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
