@@ -95,14 +95,12 @@ async fn serve<B>(
     allowed?;
 
     let mode = Mode::from_headers(req.headers());
-    // Called only when the cache must go upstream; the fetch runs in the request's span, so
-    // its log lines (and the flight task's) carry the request id.
+    // Called only when the cache must go upstream (it may run in a flight task of its own).
     let fetch = || {
         let app = app.clone();
         let export = export.clone();
         let request_id = request_id.clone();
-        let span = tracing::info_span!("request", request_id = request_id.to_str().unwrap_or("-"));
-        async move { fetch_routed(&app, &export, &request_id).await }.instrument(span)
+        async move { fetch_routed(&app, &export, &request_id).await }
     };
     let answer = app.cache.get(export, mode, fetch).await.map_err(|failed| {
         record.region = Some(failed.region);
@@ -124,59 +122,69 @@ async fn serve<B>(
     Ok(respond(app, answer))
 }
 
-/// Fetches from the agent's region; for an agent of unknown region, asks the default region and
-/// on its 404 the others in turn, and remembers the region that had it.
+/// Fetches from the agent's region; an agent of unknown region is discovered.
 async fn fetch_routed(
     app: &App,
     export: &Export,
     request_id: &HeaderValue,
 ) -> Result<Fetched, Failed> {
-    let fetch = |region: usize| async move {
-        let started = Instant::now();
-        let result = app.upstream.fetch(region, export, request_id).await;
-        let name = app.region_name(region);
-        let status = match &result {
-            Ok(f) => f.status.as_str(),
-            Err(e) => e.label(),
-        };
-        app.metrics
-            .upstream_requests
-            .with_label_values(&[name, status])
-            .inc();
-        app.metrics
-            .upstream_duration
-            .with_label_values(&[name])
-            .observe(started.elapsed().as_secs_f64());
-        result.map_err(|error| Failed { region, error })
-    };
     match app.router.route(&export.agent).await {
-        Route::Region(i) => fetch(i).await,
+        Route::Region(i) => fetch_from(app, i, export, request_id).await,
         Route::Discover => {
-            let mut first_404: Option<Fetched> = None;
-            let mut elapsed = std::time::Duration::ZERO;
-            for &i in app.router.discovery_order() {
-                let mut fetched = fetch(i).await?;
-                elapsed += fetched.elapsed;
-                fetched.elapsed = elapsed;
-                if fetched.status == http::StatusCode::NOT_FOUND {
-                    first_404.get_or_insert(fetched);
-                    continue;
-                }
-                if fetched.status.is_success() {
-                    tracing::info!(agent = %export.agent, region = app.region_name(i), "discovered the agent's region");
-                    app.router.learn(&export.agent, i).await;
-                }
-                return Ok(fetched);
-            }
-            // No region knows the agent: answer with the default region's 404.
-            let mut fetched = first_404.ok_or(Failed {
-                region: app.router.default_region(),
-                error: UpstreamError::Protocol(Arc::new(std::io::Error::other("no regions"))),
-            })?;
-            fetched.elapsed = elapsed;
-            Ok(fetched)
+            // The one fetch path that logs: its lines carry the request id through this span
+            // (a span costs ~1 µs, too much for every miss). Boxed: rare, and it would make
+            // every request's future larger.
+            let span =
+                tracing::info_span!("request", request_id = request_id.to_str().unwrap_or("-"));
+            Box::pin(discover(app, export, request_id).instrument(span)).await
         }
     }
+}
+
+/// One exchange with one region, counted in the upstream metrics.
+async fn fetch_from(
+    app: &App,
+    region: usize,
+    export: &Export,
+    request_id: &HeaderValue,
+) -> Result<Fetched, Failed> {
+    let started = Instant::now();
+    let result = app.upstream.fetch(region, export, request_id).await;
+    let status = match &result {
+        Ok(f) => Ok(f.status),
+        Err(e) => Err(e.label()),
+    };
+    app.metrics
+        .record_upstream(region, status, started.elapsed());
+    result.map_err(|error| Failed { region, error })
+}
+
+/// Asks the default region and on its 404 the others in turn, and remembers the region that
+/// had the agent.
+async fn discover(app: &App, export: &Export, request_id: &HeaderValue) -> Result<Fetched, Failed> {
+    let mut first_404: Option<Fetched> = None;
+    let mut elapsed = std::time::Duration::ZERO;
+    for &i in app.router.discovery_order() {
+        let mut fetched = fetch_from(app, i, export, request_id).await?;
+        elapsed += fetched.elapsed;
+        fetched.elapsed = elapsed;
+        if fetched.status == http::StatusCode::NOT_FOUND {
+            first_404.get_or_insert(fetched);
+            continue;
+        }
+        if fetched.status.is_success() {
+            tracing::info!(agent = %export.agent, region = app.region_name(i), "discovered the agent's region");
+            app.router.learn(&export.agent, i).await;
+        }
+        return Ok(fetched);
+    }
+    // No region knows the agent: answer with the default region's 404.
+    let mut fetched = first_404.ok_or(Failed {
+        region: app.router.default_region(),
+        error: UpstreamError::Protocol(Arc::new(std::io::Error::other("no regions"))),
+    })?;
+    fetched.elapsed = elapsed;
+    Ok(fetched)
 }
 
 fn respond(app: &App, answer: Answer) -> Response<Full<Bytes>> {

@@ -40,6 +40,10 @@ pub const AUTH_REASONS: [&str; 9] = [
 
 /// Request outcomes that label the hot counters, resolved once: `cache` label by index.
 const CACHE_LABELS: [&str; 5] = ["hit", "miss", "stale", "bypass", "none"];
+/// The `status` of an upstream exchange that got no HTTP status.
+pub const UPSTREAM_FAILURES: [&str; 2] = ["timeout", "error"];
+/// Upstream label slots per region: the status codes 100..=599, then the failures.
+const UPSTREAM_SLOTS: usize = 500 + UPSTREAM_FAILURES.len();
 
 pub struct Metrics {
     registry: Registry,
@@ -51,6 +55,10 @@ pub struct Metrics {
     auth_children: Vec<IntCounter>,
     /// `team_requests_total` children of the configured teams and `other`.
     team_children: HashMap<String, IntCounter>,
+    /// `upstream_requests_total` children by (region, status 100..=599 or one of
+    /// [`UPSTREAM_FAILURES`]), made on first use, and `upstream_duration_seconds` by region.
+    upstream_children: Vec<OnceLock<IntCounter>>,
+    upstream_duration_children: Vec<Histogram>,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub team_requests: IntCounterVec,
@@ -158,9 +166,10 @@ impl Metrics {
         for result in ["ok", "error"] {
             jwks_fetches.with_label_values(&[result]);
         }
-        for region in regions {
-            upstream_duration.with_label_values(&[region]);
-        }
+        let upstream_duration_children = regions
+            .iter()
+            .map(|region| upstream_duration.with_label_values(&[region]))
+            .collect();
 
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
@@ -200,6 +209,10 @@ impl Metrics {
             registry,
             team_children,
             request_children: (0..slots).map(|_| OnceLock::new()).collect(),
+            upstream_children: (0..regions.len() * UPSTREAM_SLOTS)
+                .map(|_| OnceLock::new())
+                .collect(),
+            upstream_duration_children,
             region_labels,
             duration_children,
             auth_children,
@@ -267,6 +280,48 @@ impl Metrics {
         }
     }
 
+    /// Counts one exchange with a region (an index into the configured regions): its HTTP
+    /// status, or a label of [`UPSTREAM_FAILURES`] when there was none.
+    pub fn record_upstream(
+        &self,
+        region: usize,
+        status: Result<http::StatusCode, &'static str>,
+        elapsed: Duration,
+    ) {
+        let Some(name) = self
+            .region_labels
+            .get(region)
+            .filter(|_| region + 1 < self.region_labels.len())
+        else {
+            return;
+        };
+        let (offset, label) = match &status {
+            Ok(code) => (
+                usize::from(code.as_u16().clamp(100, 599) - 100),
+                code.as_str(),
+            ),
+            Err(failure) => match UPSTREAM_FAILURES.iter().position(|f| f == failure) {
+                Some(i) => (500 + i, *failure),
+                None => (usize::MAX, *failure),
+            },
+        };
+        let child = || {
+            self.upstream_requests
+                .with_label_values(&[name.as_str(), label])
+        };
+        match region
+            .checked_mul(UPSTREAM_SLOTS)
+            .and_then(|base| base.checked_add(offset))
+            .and_then(|slot| self.upstream_children.get(slot))
+        {
+            Some(cell) => cell.get_or_init(child).inc(),
+            None => child().inc(),
+        }
+        if let Some(histogram) = self.upstream_duration_children.get(region) {
+            histogram.observe(elapsed.as_secs_f64());
+        }
+    }
+
     /// Counts a refused caller; `reason` is one of [`AUTH_REASONS`].
     pub fn auth_failure(&self, reason: &str) {
         match AUTH_REASONS.iter().position(|r| *r == reason) {
@@ -306,5 +361,41 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn upstream_exchanges_are_counted_by_region_and_status() {
+        let m = Metrics::new(&["eu", "na"], &[]).unwrap();
+        let ms = Duration::from_millis(3);
+        m.record_upstream(0, Ok(http::StatusCode::OK), ms);
+        m.record_upstream(0, Ok(http::StatusCode::OK), ms);
+        m.record_upstream(1, Ok(http::StatusCode::NOT_FOUND), ms);
+        m.record_upstream(1, Err("timeout"), ms);
+        m.record_upstream(0, Err("error"), ms);
+        // An index outside the configured regions is not a label value.
+        m.record_upstream(2, Ok(http::StatusCode::OK), ms);
+        let text = String::from_utf8(m.render()).unwrap();
+        for line in [
+            r#"convocore_gateway_upstream_requests_total{region="eu",status="200"} 2"#,
+            r#"convocore_gateway_upstream_requests_total{region="na",status="404"} 1"#,
+            r#"convocore_gateway_upstream_requests_total{region="na",status="timeout"} 1"#,
+            r#"convocore_gateway_upstream_requests_total{region="eu",status="error"} 1"#,
+            r#"convocore_gateway_upstream_duration_seconds_count{region="eu"} 3"#,
+            r#"convocore_gateway_upstream_duration_seconds_count{region="na"} 2"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert!(!text.contains(r#"region="none",status="200""#), "{text}");
+        let total: usize = text
+            .lines()
+            .filter(|l| l.starts_with("convocore_gateway_upstream_requests_total{"))
+            .count();
+        assert_eq!(total, 4, "{text}");
     }
 }
