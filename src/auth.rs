@@ -144,6 +144,17 @@ impl Auth {
             }
             self.verified.invalidate(&digest).await;
         }
+        // Boxed: the rare path (a JWKS refetch among it) is large, and inline it would make
+        // every request's future larger.
+        Box::pin(self.verify_and_remember(token, digest)).await
+    }
+
+    /// A token not in the verified-token cache: the signature check, then remembered.
+    async fn verify_and_remember(
+        &self,
+        token: &str,
+        digest: [u8; 32],
+    ) -> Result<Arc<Caller>, AuthFailure> {
         let verified = match self.verify_token(token) {
             Err(AuthFailure::UnknownKey) if self.refetch_for_unknown_kid().await => {
                 self.verify_token(token)?

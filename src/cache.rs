@@ -179,10 +179,38 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
     {
-        let Some(store) = &self.store else {
+        let mut entry = None;
+        if let (Some(store), Mode::Normal) = (&self.store, mode) {
+            if let Some(found) = store.get(key).await {
+                let age = Instant::now().saturating_duration_since(found.received);
+                if age < self.ttl {
+                    return Ok(self.hit(found, age));
+                }
+                entry = Some(found);
+            }
+        }
+        // Boxed: everything but a fresh hit, so a hit's future stays small (the fetch and the
+        // flight bookkeeping are kilobytes).
+        Box::pin(self.get_slow(key, mode, fetch, entry)).await
+    }
+
+    /// [`Cache::get`] past a fresh hit: stale, missing, refreshed or bypassed. `entry` is what
+    /// the store held for `key` (looked up in `Normal` mode only).
+    async fn get_slow<F, Fut>(
+        &self,
+        key: &Export,
+        mode: Mode,
+        fetch: F,
+        entry: Option<Arc<Fetched>>,
+    ) -> Result<Answer, Failed>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
+    {
+        if self.store.is_none() {
             let fetched = fetch().await?;
             return Ok(miss(Arc::new(fetched), "convocore-gateway; fwd=miss", true));
-        };
+        }
         if mode == Mode::Bypass {
             let fetched = fetch().await?;
             return Ok(Answer {
@@ -197,11 +225,8 @@ impl Cache {
 
         let mut stale = None;
         if mode == Mode::Normal {
-            if let Some(entry) = store.get(key).await {
+            if let Some(entry) = entry {
                 let age = Instant::now().saturating_duration_since(entry.received);
-                if age < self.ttl {
-                    return Ok(self.hit(entry, age));
-                }
                 let past = age - self.ttl;
                 if past < self.stale_while_revalidate {
                     // Serve at once; one background refresh per key replaces the entry.
