@@ -39,16 +39,21 @@ pub async fn handle<B>(
     app: Arc<App>,
     req: Request<B>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let started = Instant::now();
     let _inflight = InFlight::start(&app.metrics.inflight);
-    let request_id = app.request_id(req.headers().get(&X_REQUEST_ID));
-    let mut record = Record::default();
-    let (export, result) = match route::parse(req.method(), req.uri()) {
+    let mut pending = Pending {
+        app: &app,
+        started: Instant::now(),
+        request_id: app.request_id(req.headers().get(&X_REQUEST_ID)),
+        export: None,
+        record: Record::default(),
+        done: false,
+    };
+    let result = match route::parse(req.method(), req.uri()) {
         Ok(export) => {
-            let result = serve(&app, &req, &export, &request_id, &mut record).await;
-            (Some(export), result)
+            let export = pending.export.insert(export);
+            serve(&app, &req, export, &pending.request_id, &mut pending.record).await
         }
-        Err(e) => (None, Err(e)),
+        Err(e) => Err(e),
     };
     let mut response = match result {
         Ok(r) => r,
@@ -58,22 +63,59 @@ pub async fn handle<B>(
             } else if let ApiError::Forbidden(_) = &e {
                 app.metrics.auth_failure("forbidden");
             }
-            record.error = Some(error_chain(&e));
+            pending.record.error = Some(error_chain(&e));
             e.into_response()
         }
     };
     response
         .headers_mut()
-        .insert(&X_REQUEST_ID, request_id.clone());
-    finish(
-        &app,
-        export.as_ref(),
-        &record,
-        &request_id,
-        response.status(),
-        started,
-    );
+        .insert(&X_REQUEST_ID, pending.request_id.clone());
+    pending.finish(response.status());
     Ok(response)
+}
+
+/// nginx's status for a request whose client went away before the response: logged and
+/// counted, never sent.
+const CLIENT_CLOSED: u16 = 499;
+
+/// A request until its access line is written: by [`handle`] with the response's status, or,
+/// when the client goes away first and hyper drops the request's future, by `drop` with 499.
+/// Either way each request writes exactly one line and is counted once.
+struct Pending<'a> {
+    app: &'a App,
+    started: Instant,
+    request_id: HeaderValue,
+    export: Option<Export>,
+    record: Record,
+    done: bool,
+}
+
+impl Pending<'_> {
+    fn finish(&mut self, status: http::StatusCode) {
+        self.done = true;
+        finish(
+            self.app,
+            self.export.as_ref(),
+            &self.record,
+            &self.request_id,
+            status,
+            self.started,
+        );
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.record
+            .error
+            .get_or_insert_with(|| "the client closed the connection before the response".into());
+        let status =
+            http::StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(http::StatusCode::BAD_REQUEST);
+        self.finish(status);
+    }
 }
 
 /// The phases after parsing: authenticate (401), authorize (403, before any cache lookup),

@@ -1340,8 +1340,8 @@ async fn demo_prints_a_working_curl_line_and_stops_on_sigterm() {
     );
 }
 
-/// Log lines written while a request is handled carry its request id (the request's span),
-/// even from the task that fetches for it.
+/// The one log line a request can cause besides its access line (discovery's) carries the
+/// request id in its span, even from the task that fetches for it.
 #[tokio::test(flavor = "multi_thread")]
 async fn log_lines_during_a_request_carry_its_request_id() {
     let (eu, na) = mocks().await;
@@ -1381,4 +1381,71 @@ async fn log_lines_during_a_request_carry_its_request_id() {
         .unwrap_or_else(|| panic!("no access line:\n{stdout}"));
     assert_eq!(access["region"], "na");
     assert_eq!(access["cache"], "miss");
+}
+
+/// A client that goes away before its response still gets its one access line, with nginx's
+/// 499, and is counted in requests_total; the fetch it began was cut short with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_the_client_abandons_is_logged_and_counted_as_499() {
+    use tokio::io::AsyncWriteExt;
+    let (eu, na) = mocks().await;
+    eu.set_faults(Faults {
+        delay: Duration::from_secs(2),
+        ..Default::default()
+    });
+    let mut gw = Running::start(&eu, &na, |c| {
+        c.log = "format = \"json\"\nlevel = \"info\"\n".into();
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(gw.api).await.unwrap();
+    let request = format!(
+        "GET /v3/agents/agent-eu/convos/c1/export HTTP/1.1\r\nhost: gw\r\n\
+         authorization: {}\r\nx-request-id: cli-gone-1\r\n\r\n",
+        bearer(&token("team-a"))
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // The request reaches the (slow) upstream, then the client hangs up.
+    assert!(eventually(Duration::from_secs(5), || async { eu.request_count() == 1 }).await);
+    drop(stream);
+    let counted = |m: &str| {
+        m.lines().any(|l| {
+            l.starts_with("convocore_gateway_requests_total{")
+                && l.contains(r#"status="499""#)
+                && l.ends_with(" 1")
+        })
+    };
+    let last = Arc::new(Mutex::new(String::new()));
+    let seen = eventually(Duration::from_secs(5), || {
+        let (gw, last) = (&gw, last.clone());
+        async move {
+            let text = gw.admin_get("/metrics").await.text();
+            let ok = counted(&text);
+            *last.lock().unwrap() = text;
+            ok
+        }
+    })
+    .await;
+    let metrics = last.lock().unwrap().clone();
+    assert!(seen, "no 499 in requests_total:\n{metrics}");
+    assert!(
+        metrics.contains("convocore_gateway_inflight_requests 0"),
+        "{metrics}"
+    );
+    let (stdout, _) = gw.stop_with("-TERM").await;
+    let access: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["request_id"] == "cli-gone-1")
+        .collect();
+    assert_eq!(access.len(), 1, "exactly one access line:\n{stdout}");
+    let line = &access[0];
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["team"], "team-a", "{line}");
+    assert_eq!(line["agent"], "agent-eu", "{line}");
+    assert_eq!(line["target"], "access", "{line}");
+    assert!(
+        line["error"].as_str().unwrap().contains("client closed"),
+        "{line}"
+    );
+    assert_eq!(eu.request_count(), 1);
 }
