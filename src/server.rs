@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +29,8 @@ use crate::{admin, api};
 
 /// Connections held open at once per listener; past this, new connections are closed at once.
 const MAX_CONNECTIONS: usize = 10_000;
-/// How long a client may take to send a request head, or finish a TLS handshake.
+/// How long a client may take to send a request head (the first one counted from the accept,
+/// TLS handshake included), and how long an HTTP/1.1 connection may sit idle between requests.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Listeners {
@@ -243,15 +245,27 @@ impl Connections {
         let name = self.name;
         tokio::spawn(async move {
             let _permit = permit;
-            let service = service_fn(move |req| handle(app.clone(), req));
+            // The first request head must arrive within HEADER_TIMEOUT of the accept, TLS
+            // handshake included. hyper's header_read_timeout only starts once HTTP/1 is
+            // chosen: the auto builder's HTTP/2-preface sniff reads without a deadline, so a
+            // connection that sends nothing would otherwise be held forever.
+            let deadline = tokio::time::Instant::now() + HEADER_TIMEOUT;
+            let first = Arc::new(AtomicBool::new(false));
+            let seen = first.clone();
+            let service = service_fn(move |req| {
+                if !seen.load(Ordering::Relaxed) {
+                    seen.store(true, Ordering::Relaxed);
+                }
+                handle(app.clone(), req)
+            });
             let result = match tls {
                 None => {
-                    watcher
-                        .watch(builder.serve_connection(TokioIo::new(stream), service))
-                        .await
+                    let conn =
+                        watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
+                    first_request_within(deadline, &first, conn).await
                 }
                 Some(acceptor) => {
-                    let stream = match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream))
+                    let stream = match tokio::time::timeout_at(deadline, acceptor.accept(stream))
                         .await
                     {
                         Ok(Ok(s)) => s,
@@ -261,15 +275,52 @@ impl Connections {
                         }
                         Err(_) => return,
                     };
-                    watcher
-                        .watch(builder.serve_connection(TokioIo::new(stream), service))
-                        .await
+                    let conn =
+                        watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
+                    first_request_within(deadline, &first, conn).await
                 }
             };
-            if let Err(e) = result {
-                tracing::debug!(listener = name, error = %e, "connection ended with an error");
+            match result {
+                Some(Err(e)) => {
+                    tracing::debug!(listener = name, error = %e, "connection ended with an error");
+                }
+                None => {
+                    tracing::debug!(
+                        listener = name,
+                        "no request head in time; connection closed"
+                    );
+                }
+                Some(Ok(())) => {}
             }
         });
+    }
+}
+
+/// Drives `conn`, and drops it (closing the connection) if no request has reached the service
+/// by `deadline`; `None` then. After the first request the deadline is no longer watched.
+async fn first_request_within<F, T>(
+    deadline: tokio::time::Instant,
+    first: &AtomicBool,
+    conn: F,
+) -> Option<T>
+where
+    F: Future<Output = T>,
+{
+    tokio::pin!(conn);
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer);
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            biased;
+            result = &mut conn => return Some(result),
+            () = &mut timer, if watching => {
+                if !first.load(Ordering::Relaxed) {
+                    return None;
+                }
+                watching = false;
+            }
+        }
     }
 }
 

@@ -1090,3 +1090,66 @@ async fn admin_listener_is_http1_only() {
         "the admin listener answered HTTP/2: {r:?}"
     );
 }
+
+/// The slowloris guard: a client has 10 s to send a whole request head, on a new connection
+/// and between keep-alive requests; then the gateway closes the connection. Nothing of a
+/// half-sent request reaches Convocore.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_head_not_finished_in_10s_closes_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start().await;
+    let auth = auth(&token("billing"));
+    // A whole request, then the start of a second one that never ends.
+    let mut slow = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let whole = format!("GET {EXPORT_EU} HTTP/1.1\r\nhost: gw\r\nauthorization: {auth}\r\n\r\n");
+    slow.write_all(whole.as_bytes()).await.unwrap();
+    // And a connection that sends nothing at all.
+    let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+
+    let mut first = vec![0u8; 64 * 1024];
+    let n = slow.read(&mut first).await.unwrap();
+    assert!(
+        first[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&first[..n])
+    );
+    let started = std::time::Instant::now();
+    slow.write_all(format!("GET {EXPORT_EU} HTTP/1.1\r\nhost: gw\r\n").as_bytes())
+        .await
+        .unwrap();
+    // Keep trickling header bytes, as a slowloris client does; it must not extend the limit.
+    let trickle = async {
+        for i in 0..30 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if slow
+                .write_all(format!("x-slow-{i}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(16), trickle).await;
+    // The rest of the first response, if any, then the end of the stream (or a reset).
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
+        "the slow connection is still open after {took:?}"
+    );
+    assert!(took >= Duration::from_secs(9), "closed after {took:?}");
+
+    let mut buf = [0u8; 16];
+    let silent_end = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut buf)).await;
+    assert!(
+        matches!(silent_end, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection that never sent a byte is still open: {silent_end:?}"
+    );
+    assert_eq!(
+        gw.eu.request_count(),
+        1,
+        "only the whole request went upstream"
+    );
+}
