@@ -1091,33 +1091,74 @@ async fn admin_listener_is_http1_only() {
     );
 }
 
-/// The slowloris guard: a client has 10 s to send a whole request head, on a new connection
-/// and between keep-alive requests; then the gateway closes the connection. Nothing of a
+/// The slowloris guard and the keep-alive idle limit: a client has 10 s from connecting to
+/// send a whole request head, and 10 s after each response for the next; then the gateway
+/// closes the connection. A request waiting on a slow upstream is not cut, and nothing of a
 /// half-sent request reaches Convocore.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_request_head_not_finished_in_10s_closes_the_connection() {
+async fn request_heads_have_10s_and_idle_keep_alive_connections_are_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let gw = Gateway::start().await;
+    let gw = Gateway::start_with(TestConfig {
+        upstream: "request_timeout = \"30s\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    gw.na.set_faults(Faults {
+        delay: Duration::from_secs(12),
+        ..Default::default()
+    });
     let auth = auth(&token("billing"));
-    // A whole request, then the start of a second one that never ends.
-    let mut slow = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let whole = format!("GET {EXPORT_EU} HTTP/1.1\r\nhost: gw\r\nauthorization: {auth}\r\n\r\n");
-    slow.write_all(whole.as_bytes()).await.unwrap();
-    // And a connection that sends nothing at all.
-    let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-
-    let mut first = vec![0u8; 64 * 1024];
-    let n = slow.read(&mut first).await.unwrap();
-    assert!(
-        first[..n].starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&first[..n])
-    );
+    let whole =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nhost: gw\r\nauthorization: {auth}\r\n\r\n");
+    let connect = || tokio::net::TcpStream::connect(gw.addr);
     let started = std::time::Instant::now();
+
+    // A connection that sends nothing at all.
+    let mut silent = connect().await.unwrap();
+    // One that sends a whole request, then the start of a second one trickled byte by byte.
+    let mut slow = connect().await.unwrap();
+    slow.write_all(whole(EXPORT_EU).as_bytes()).await.unwrap();
+    // One that sends a whole request and then stays idle.
+    let mut idle = connect().await.unwrap();
+    idle.write_all(whole(EXPORT_EU).as_bytes()).await.unwrap();
+    // One whose request waits 12 s on the upstream.
+    let mut waiting = connect().await.unwrap();
+    waiting
+        .write_all(whole(EXPORT_NA).as_bytes())
+        .await
+        .unwrap();
+
+    // And an HTTP/2 (h2c) connection: after its first request it is not subject to the idle
+    // limit (HTTP/2 keeps itself alive with pings).
+    let (mut h2, h2_conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(connect().await.unwrap()),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(h2_conn);
+    let h2_get = |h2: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>| {
+        let req = Request::get(gw.url(EXPORT_EU))
+            .header("authorization", auth.as_str())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        h2.send_request(req)
+    };
+    assert_eq!(h2_get(&mut h2).await.unwrap().status(), 200);
+
+    let mut buf = vec![0u8; 64 * 1024];
+    for conn in [&mut slow, &mut idle] {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    let answered = std::time::Instant::now();
     slow.write_all(format!("GET {EXPORT_EU} HTTP/1.1\r\nhost: gw\r\n").as_bytes())
         .await
         .unwrap();
-    // Keep trickling header bytes, as a slowloris client does; it must not extend the limit.
     let trickle = async {
         for i in 0..30 {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1131,25 +1172,42 @@ async fn a_request_head_not_finished_in_10s_closes_the_connection() {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(16), trickle).await;
-    // The rest of the first response, if any, then the end of the stream (or a reset).
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
-    let took = started.elapsed();
+    assert!(closed.is_ok(), "the trickling connection is still open");
+    let took = answered.elapsed();
     assert!(
-        matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
-        "the slow connection is still open after {took:?}"
+        took >= Duration::from_secs(9),
+        "the trickling connection closed after {took:?}"
     );
-    assert!(took >= Duration::from_secs(9), "closed after {took:?}");
 
-    let mut buf = [0u8; 16];
-    let silent_end = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut buf)).await;
+    // By now (over 10 s after their last response or their accept) both are closed.
+    let mut small = [0u8; 16];
+    for (name, conn) in [("silent", &mut silent), ("idle", &mut idle)] {
+        let end = tokio::time::timeout(Duration::from_secs(3), conn.read(&mut small)).await;
+        assert!(
+            matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+            "the {name} connection is still open after {:?}: {end:?}",
+            started.elapsed()
+        );
+    }
+    // The request waiting on the upstream was answered, past 10 s.
+    let n = tokio::time::timeout(Duration::from_secs(10), waiting.read(&mut buf))
+        .await
+        .expect("the slow upstream's answer")
+        .unwrap();
     assert!(
-        matches!(silent_end, Ok(Ok(0)) | Ok(Err(_))),
-        "a connection that never sent a byte is still open: {silent_end:?}"
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
     );
+    assert!(started.elapsed() >= Duration::from_secs(12));
+    // The HTTP/2 connection, idle for over 10 s, still serves.
+    assert_eq!(h2_get(&mut h2).await.unwrap().status(), 200);
     assert_eq!(
         gw.eu.request_count(),
-        1,
-        "only the whole request went upstream"
+        4,
+        "only whole requests went upstream"
     );
+    assert_eq!(gw.na.request_count(), 1);
 }
