@@ -196,11 +196,6 @@ impl Origin {
         }
     }
 
-    /// Idle HTTP/1.1 connections, for tests.
-    pub fn idle_connections(&self) -> usize {
-        self.lock().h1.len()
-    }
-
     fn lock(&self) -> MutexGuard<'_, Idle> {
         // The pool holds no invariant a panic could break halfway.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())

@@ -147,6 +147,27 @@ impl Proc {
         }
     }
 
+    /// Waits (without blocking the runtime) at most `limit` for the exit, lets the readers
+    /// reach end of file, and asserts the process exited 0; `what` says what it was waiting
+    /// for, in the failure message.
+    async fn expect_exit_0(&mut self, limit: Duration, what: &str) {
+        let status = self.wait(limit).await;
+        self.settle();
+        let status = status.unwrap_or_else(|| {
+            panic!(
+                "no exit within {limit:?} ({what})\nstdout: {}\nstderr: {}",
+                self.stdout(),
+                self.stderr()
+            )
+        });
+        assert!(
+            status.success(),
+            "{what}: exit {status}\nstdout: {}\nstderr: {}",
+            self.stdout(),
+            self.stderr()
+        );
+    }
+
     /// Everything read from stdout so far.
     fn stdout(&self) -> String {
         String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
@@ -536,22 +557,9 @@ impl Running {
     /// generous slack). Returns (stdout, stderr), complete.
     async fn stop_with(&mut self, sig: &str) -> (String, String) {
         self.proc.signal(sig);
-        let limit = GRACE + Duration::from_secs(10);
-        let status = self.proc.wait(limit).await;
-        self.proc.settle();
-        let status = status.unwrap_or_else(|| {
-            panic!(
-                "no exit within {limit:?} of {sig}\nstdout: {}\nstderr: {}",
-                self.proc.stdout(),
-                self.proc.stderr()
-            )
-        });
-        assert!(
-            status.success(),
-            "{sig}: exit {status}\nstdout: {}\nstderr: {}",
-            self.proc.stdout(),
-            self.proc.stderr()
-        );
+        self.proc
+            .expect_exit_0(GRACE + Duration::from_secs(10), sig)
+            .await;
         (self.proc.stdout(), self.proc.stderr())
     }
 }
@@ -1149,21 +1157,12 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
     assert_eq!(r.json()["data"]["metadata"]["convo"]["id"], "c1");
 
     // And the process exits 0 within shutdown_grace (with slack for a loaded machine).
-    let limit = GRACE + Duration::from_secs(5);
-    let status = gw.proc.wait(limit).await;
-    gw.proc.settle();
-    let status = status.unwrap_or_else(|| {
-        panic!(
-            "no exit within {limit:?}\nstdout: {}\nstderr: {}",
-            gw.proc.stdout(),
-            gw.proc.stderr()
+    gw.proc
+        .expect_exit_0(
+            GRACE + Duration::from_secs(5),
+            "after SIGTERM, within shutdown_grace",
         )
-    });
-    assert!(
-        status.success(),
-        "exit {status}\nstderr: {}",
-        gw.proc.stderr()
-    );
+        .await;
 }
 
 /// Requests still in flight when `shutdown_grace` runs out do not hold the process: it exits 0
@@ -1190,21 +1189,9 @@ async fn shutdown_grace_bounds_the_drain() {
         "the request never reached the upstream"
     );
     gw.proc.signal("-TERM");
-    let limit = Duration::from_secs(15);
-    let status = gw.proc.wait(limit).await;
-    gw.proc.settle();
-    let status = status.unwrap_or_else(|| {
-        panic!(
-            "no exit within {limit:?} with shutdown_grace = 1s\nstdout: {}\nstderr: {}",
-            gw.proc.stdout(),
-            gw.proc.stderr()
-        )
-    });
-    assert!(
-        status.success(),
-        "exit {status}\nstderr: {}",
-        gw.proc.stderr()
-    );
+    gw.proc
+        .expect_exit_0(Duration::from_secs(15), "with shutdown_grace = 1s")
+        .await;
     inflight.abort();
 }
 
@@ -1323,21 +1310,9 @@ async fn demo_prints_a_working_curl_line_and_stops_on_sigterm() {
     }
 
     demo.signal("-TERM");
-    let status = demo.wait(Duration::from_secs(20)).await;
-    demo.settle();
+    demo.expect_exit_0(Duration::from_secs(20), "the demo after SIGTERM")
+        .await;
     drop(held);
-    let status = status.unwrap_or_else(|| {
-        panic!(
-            "the demo did not exit after SIGTERM\nstdout: {}\nstderr: {}",
-            demo.stdout(),
-            demo.stderr()
-        )
-    });
-    assert!(
-        status.success(),
-        "demo exit {status}\nstderr: {}",
-        demo.stderr()
-    );
 }
 
 /// The one log line a request can cause besides its access line (discovery's) carries the

@@ -47,6 +47,41 @@ fn client_tls(ca_pem: &str) -> rustls::ClientConfig {
     .with_no_client_auth()
 }
 
+/// The certificate and key files a TLS gateway serves (in a folder removed on drop).
+struct TlsFiles {
+    _dir: tempfile::TempDir,
+    /// Both in the folder, so a renewal can be written beside them and renamed over them.
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+/// A gateway whose API listener serves TLS with `cert_pem` and `key_pem`, written to files
+/// that the test may replace.
+async fn start_tls_gateway(cert_pem: &str, key_pem: &str) -> (Gateway, TlsFiles) {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, cert_pem).unwrap();
+    std::fs::write(&key, key_pem).unwrap();
+    let gw = Gateway::start_with(TestConfig {
+        server: format!(
+            "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    (
+        gw,
+        TlsFiles {
+            _dir: dir,
+            cert,
+            key,
+        },
+    )
+}
+
 fn auth(token: &str) -> String {
     format!("Bearer {token}")
 }
@@ -880,20 +915,7 @@ async fn api_listener_speaks_h2c_with_prior_knowledge() {
 #[tokio::test]
 async fn api_listener_serves_tls_with_h2_and_http11_by_alpn() {
     let (ca_pem, cert_pem, key_pem) = test_pki();
-    let dir = tempfile::tempdir().unwrap();
-    let cert_path = dir.path().join("cert.pem");
-    let key_path = dir.path().join("key.pem");
-    std::fs::write(&cert_path, &cert_pem).unwrap();
-    std::fs::write(&key_path, &key_pem).unwrap();
-    let gw = Gateway::start_with(TestConfig {
-        server: format!(
-            "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-            cert_path.display(),
-            key_path.display()
-        ),
-        ..Default::default()
-    })
-    .await;
+    let (gw, _files) = start_tls_gateway(&cert_pem, &key_pem).await;
     let url = format!("https://localhost:{}{EXPORT_EU}", gw.addr.port());
 
     // h2 by ALPN.
@@ -1009,20 +1031,7 @@ async fn a_region_may_override_the_shared_token() {
 async fn renewed_server_certificates_are_picked_up() {
     let (ca_a, cert_a, key_a) = test_pki();
     let (ca_b, cert_b, key_b) = test_pki();
-    let dir = tempfile::tempdir().unwrap();
-    let cert_path = dir.path().join("cert.pem");
-    let key_path = dir.path().join("key.pem");
-    std::fs::write(&cert_path, &cert_a).unwrap();
-    std::fs::write(&key_path, &key_a).unwrap();
-    let gw = Gateway::start_with(TestConfig {
-        server: format!(
-            "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-            cert_path.display(),
-            key_path.display()
-        ),
-        ..Default::default()
-    })
-    .await;
+    let (gw, files) = start_tls_gateway(&cert_a, &key_a).await;
     let url = format!("https://localhost:{}{EXPORT_EU}", gw.addr.port());
     let t = token("billing");
     let get = |ca: String| {
@@ -1052,8 +1061,8 @@ async fn renewed_server_certificates_are_picked_up() {
 
     // Renew: the certificate first, then the key (the mismatched pair in between is ignored;
     // the key's change must reload the pair).
-    for (path, pem) in [(&cert_path, &cert_b), (&key_path, &key_b)] {
-        let tmp = dir.path().join("renew.tmp");
+    for (path, pem) in [(&files.cert, &cert_b), (&files.key, &key_b)] {
+        let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, pem).unwrap();
         std::fs::rename(&tmp, path).unwrap();
         // Long enough for the watcher to see the mismatched pair on its own.
