@@ -222,6 +222,38 @@ impl MockConvocore {
 }
 
 async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustls::TlsAcceptor>) {
+    let counted = state.clone();
+    let drops = Some(state.drops.subscribe());
+    serve_http(
+        listener,
+        tls,
+        move |req| answer(state.clone(), req),
+        move || {
+            counted.accepted.fetch_add(1, Ordering::SeqCst);
+        },
+        drops,
+    )
+    .await
+}
+
+/// A test server's accept loop: serves HTTP/1.1 and HTTP/2 (by ALPN over `tls`, or h2c prior
+/// knowledge) with `handler` until the task is aborted, which closes every connection.
+/// `on_accept` runs for each accepted connection; a change of `drops` (when given) closes the
+/// open ones.
+pub async fn serve_http<H, F, B, E>(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handler: H,
+    on_accept: impl Fn(),
+    drops: Option<tokio::sync::watch::Receiver<u64>>,
+) where
+    H: Fn(Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<B>, E>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     // Connections live in the set, so aborting this task closes them all.
     let mut connections = JoinSet::new();
@@ -236,14 +268,16 @@ async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustl
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
-        state.accepted.fetch_add(1, Ordering::SeqCst);
-        let mut drops = state.drops.subscribe();
-        drops.mark_unchanged();
-        let state = state.clone();
+        on_accept();
+        let mut drops = drops.clone();
+        if let Some(d) = &mut drops {
+            d.mark_unchanged();
+        }
         let builder = builder.clone();
         let tls = tls.clone();
+        let handler = handler.clone();
         connections.spawn(async move {
-            let service = service_fn(move |req| answer(state.clone(), req));
+            let service = service_fn(handler);
             let serve = async move {
                 match tls {
                     None => {
@@ -261,9 +295,17 @@ async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustl
                 }
             };
             // Dropping the connection's future closes its socket.
+            let dropped = async {
+                match &mut drops {
+                    Some(d) => {
+                        let _ = d.changed().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
                 _ = serve => {}
-                _ = drops.changed() => {}
+                _ = dropped => {}
             }
         });
     }

@@ -19,9 +19,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -162,33 +159,14 @@ async fn serve_jwks(
     acceptor: tokio_rustls::TlsAcceptor,
     state: Arc<JwksState>,
 ) {
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
-    // Connections live in the set, so aborting this task closes them all.
-    let mut connections = JoinSet::new();
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-        };
-        let state = state.clone();
-        let builder = builder.clone();
-        let acceptor = acceptor.clone();
-        connections.spawn(async move {
-            let Ok(stream) = acceptor.accept(stream).await else {
-                return;
-            };
-            let service = service_fn(move |req| answer_jwks(state.clone(), req));
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    convocore_gateway::mock::serve_http(
+        listener,
+        Some(acceptor),
+        move |req| answer_jwks(state.clone(), req),
+        || {},
+        None,
+    )
+    .await
 }
 
 async fn answer_jwks(
