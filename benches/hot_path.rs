@@ -148,26 +148,10 @@ fn benches(c: &mut Criterion) {
     });
 
     // The same with the gateway's JSON logging installed (lines go to a sink).
-    let logged = {
-        use tracing_subscriber::layer::SubscriberExt;
-        use tracing_subscriber::Layer;
-        tracing_subscriber::registry()
-            .with(tracing_subscriber::EnvFilter::new("info"))
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false)
-                    .with_writer(std::io::sink)
-                    .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                        m.target() != convocore_gateway::log::ACCESS
-                    })),
-            )
-            .with(convocore_gateway::log::AccessJson {
-                writer: std::io::sink,
-            })
-    };
+    let logged = convocore_gateway::log::json_subscriber(
+        tracing_subscriber::EnvFilter::new("info"),
+        std::io::sink,
+    );
     let dispatch = tracing::Dispatch::new(logged);
     c.bench_function("handle_cache_hit_logged", |b| {
         b.to_async(&rt).iter(|| {

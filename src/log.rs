@@ -31,19 +31,7 @@ pub const ACCESS: &str = "access";
 pub fn init(format: LogFormat, level: &str) -> LogGuard {
     let (writer, guard) = BatchWriter::start(stdout_file());
     let result = match format {
-        LogFormat::Json => tracing_subscriber::registry()
-            .with(env_filter(level))
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false)
-                    .with_writer(writer.clone())
-                    .with_filter(filter::filter_fn(|m| m.target() != ACCESS)),
-            )
-            .with(AccessJson { writer })
-            .try_init(),
+        LogFormat::Json => json_subscriber(env_filter(level), writer).try_init(),
         LogFormat::Text => tracing_subscriber::registry()
             .with(env_filter(level))
             .with(
@@ -57,6 +45,26 @@ pub fn init(format: LogFormat, level: &str) -> LogGuard {
         eprintln!("logging already initialised: {e}");
     }
     guard
+}
+
+/// The JSON-mode subscriber: tracing-subscriber's JSON formatter for every line but the access
+/// line, which [`AccessJson`] writes. [`init`] installs it; the benchmarks build it over a sink.
+pub fn json_subscriber<W>(filter: EnvFilter, writer: W) -> impl Subscriber + Send + Sync
+where
+    W: for<'w> MakeWriter<'w> + Clone + Send + Sync + 'static,
+{
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .with_writer(writer.clone())
+                .with_filter(filter::filter_fn(|m| m.target() != ACCESS)),
+        )
+        .with(AccessJson { writer })
 }
 
 fn env_filter(level: &str) -> EnvFilter {
