@@ -79,8 +79,9 @@ cannot drift apart. Call with (dict "ctx" $ "sidecar" bool).
     {{- end }}
 {{- end }}
 
-{{/* The gateway's volumes: the ConfigMap and the Secret (not subPath mounts, so a rotated
-Secret reaches the running gateway). */}}
+{{/* The gateway's volumes: the ConfigMap and the Secret, each mounted as a directory (never
+through subPath, whose files the kubelet does not update), so a changed config.toml or a rotated
+Secret reaches the running gateway, which reloads it. */}}
 {{- define "convocore-gateway.volumes" -}}
 - name: {{ include "convocore-gateway.configVolume" . }}
   configMap:
@@ -94,7 +95,8 @@ Secret reaches the running gateway). */}}
 {{- end }}
 {{- end }}
 
-{{/* The pod annotation that restarts pods when config.toml changes. */}}
+{{/* The pod annotation that restarts pods when config.toml changes: only with
+rollOnConfigChange, since the gateway reloads a changed config.toml in place. */}}
 {{- define "convocore-gateway.configChecksum" -}}
 checksum/config: {{ include "convocore-gateway.configToml" . | sha256sum }}
 {{- end }}
