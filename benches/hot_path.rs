@@ -12,9 +12,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use convocore_gateway::cache::Mode;
-use convocore_gateway::mock::MockConvocore;
-use convocore_gateway::route::{self, Export, Format};
-use convocore_gateway::{App, Config};
+use convocore_gateway::domain::{Export, Format};
+use convocore_gateway::http::route;
+use convocore_gateway::testing::mock::MockConvocore;
+use convocore_gateway::upstream::RegionId;
+use convocore_gateway::{Config, State};
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Method, Request, Uri};
 use http_body_util::Empty;
@@ -46,7 +48,7 @@ fn rs256_token() -> String {
 }
 
 /// The gateway with its shipped defaults (cache on), one RS256 key, in front of a mock EU.
-async fn app(mock: &MockConvocore, dir: &Path) -> Arc<App> {
+async fn app(mock: &MockConvocore, dir: &Path) -> Arc<State> {
     std::fs::write(dir.join("token"), TOKEN).unwrap();
     let text = format!(
         r#"
@@ -74,7 +76,7 @@ public_key_file = "{key}"
     );
     let path = dir.join("config.toml");
     std::fs::write(&path, text).unwrap();
-    Arc::new(App::build(Config::load(&path).unwrap()).unwrap())
+    State::build(Config::load(&path).unwrap()).unwrap()
 }
 
 fn benches(c: &mut Criterion) {
@@ -105,12 +107,13 @@ fn benches(c: &mut Criterion) {
         b.iter(|| route::parse(black_box(&Method::GET), black_box(&uri)).unwrap())
     });
 
+    let policy = app.policy();
     c.bench_function("jwt_rs256_verify_cold", |b| {
-        b.iter(|| app.auth.verify_uncached(black_box(&headers)).unwrap())
+        b.iter(|| policy.auth.verify_uncached(black_box(&headers)).unwrap())
     });
     c.bench_function("jwt_rs256_verify_cached", |b| {
         b.to_async(&rt)
-            .iter(|| async { app.auth.verify(black_box(&headers)).await.unwrap() })
+            .iter(|| async { policy.auth.verify(black_box(&headers)).await.unwrap() })
     });
 
     let export = Export {
@@ -122,7 +125,7 @@ fn benches(c: &mut Criterion) {
     rt.block_on(async {
         // Prime the cache through one real request.
         let req = request(&uri, &headers);
-        let resp = convocore_gateway::api::handle(app.clone(), req)
+        let resp = convocore_gateway::http::handle(app.clone(), req)
             .await
             .unwrap();
         assert_eq!(resp.headers()["x-cache"], "MISS");
@@ -131,7 +134,7 @@ fn benches(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let answer = app
                 .cache
-                .get(black_box(&export), Mode::Normal, no_fetch)
+                .get(&policy.cache, black_box(&export), Mode::Normal, no_fetch)
                 .await;
             answer.ok().unwrap()
         })
@@ -139,7 +142,7 @@ fn benches(c: &mut Criterion) {
 
     c.bench_function("handle_cache_hit", |b| {
         b.to_async(&rt).iter(|| async {
-            let resp = convocore_gateway::api::handle(app.clone(), request(&uri, &headers))
+            let resp = convocore_gateway::http::handle(app.clone(), request(&uri, &headers))
                 .await
                 .unwrap();
             debug_assert_eq!(resp.headers()["x-cache"], "HIT");
@@ -149,13 +152,13 @@ fn benches(c: &mut Criterion) {
 
     // The same with the gateway's JSON logging installed (lines go to a sink).
     let logged = convocore_gateway::log::json_subscriber(
-        tracing_subscriber::EnvFilter::new("info"),
+        convocore_gateway::log::env_filter("info"),
         std::io::sink,
     );
     let dispatch = tracing::Dispatch::new(logged);
     c.bench_function("handle_cache_hit_logged", |b| {
         b.to_async(&rt).iter(|| {
-            let fut = convocore_gateway::api::handle(app.clone(), request(&uri, &headers));
+            let fut = convocore_gateway::http::handle(app.clone(), request(&uri, &headers));
             let dispatch = dispatch.clone();
             async move {
                 let _guard = tracing::dispatcher::set_default(&dispatch);
@@ -166,8 +169,8 @@ fn benches(c: &mut Criterion) {
 
     c.bench_function("metrics_record_request", |b| {
         b.iter(|| {
-            app.metrics.record_request(
-                black_box(Some(0)),
+            policy.metrics.record_request(
+                black_box(Some(RegionId::new(0))),
                 black_box(http::StatusCode::OK),
                 black_box(Some(convocore_gateway::cache::CacheStatus::Hit)),
                 black_box(std::time::Duration::from_micros(40)),

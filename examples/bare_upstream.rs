@@ -41,10 +41,10 @@ struct Args {
 }
 
 /// A JSON document of exactly `n` bytes (or the smallest valid one, when `n` is tiny), shaped
-/// like the gateway's mock export (`convocore_gateway::mock::sample_json`): its turns are repeated
+/// like the gateway's mock export (`convocore_gateway::testing::mock::sample_json`): its turns are repeated
 /// to approach `n` and the `notes` string is padded to hit it exactly.
 fn export_body(n: usize) -> String {
-    let base = convocore_gateway::mock::sample_json("eu", "agent-bench", "convo-bench", 1);
+    let base = convocore_gateway::testing::mock::sample_json("eu", "agent-bench", "convo-bench", 1);
     if base.len() > n {
         // Smaller than the sample: a trimmed export of the same outer shape.
         let head = r#"{"success":true,"message":"Conversation exported successfully","data":""#;

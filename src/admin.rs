@@ -8,35 +8,37 @@ use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::app::App;
-use crate::config::valid_id;
+use crate::domain::valid_id;
 use crate::error::{error_response, ApiError};
+use crate::state::State;
 
 /// The scope a team JWT needs to purge cache entries.
 pub const PURGE_SCOPE: &str = "convocore-gateway:purge";
 const PURGE_PREFIX: &str = "/admin/cache/agents/";
 
 pub async fn handle<B>(
-    app: Arc<App>,
+    state: Arc<State>,
     req: Request<B>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path();
     if let Some(ids) = path.strip_prefix(PURGE_PREFIX) {
         if let Some((agent, convo)) = ids.split_once("/convos/") {
-            let response = purge(&app, &req, agent, convo).await;
+            let response = purge(&state, &req, agent, convo).await;
             return Ok(response.unwrap_or_else(ApiError::into_response));
         }
     }
     let response = match (req.method(), path) {
         (&Method::GET, "/metrics") => {
-            let (entries, bytes) = app.cache.usage().await;
-            app.metrics
+            let (entries, bytes) = state.cache.usage().await;
+            state
+                .metrics
                 .cache_entries
                 .set(i64::try_from(entries).unwrap_or(i64::MAX));
-            app.metrics
+            state
+                .metrics
                 .cache_bytes
                 .set(i64::try_from(bytes).unwrap_or(i64::MAX));
-            let mut r = Response::new(Full::new(Bytes::from(app.metrics.render())));
+            let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -44,7 +46,7 @@ pub async fn handle<B>(
             r
         }
         (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#),
-        (&Method::GET, "/readyz") => match app.not_ready_because() {
+        (&Method::GET, "/readyz") => match state.not_ready_because() {
             None => json(StatusCode::OK, r#"{"status":"ready"}"#),
             Some(why) => error_response(StatusCode::SERVICE_UNAVAILABLE, "not ready", Some(why)),
         },
@@ -59,7 +61,7 @@ pub async fn handle<B>(
 /// `DELETE /admin/cache/agents/{agentId}/convos/{convoId}`: a team JWT with the purge scope
 /// drops every format of that conversation.
 async fn purge<B>(
-    app: &App,
+    state: &State,
     req: &Request<B>,
     agent: &str,
     convo: &str,
@@ -72,7 +74,8 @@ async fn purge<B>(
             "agentId and convoId must be 1 to 128 characters of A-Z a-z 0-9 _ -",
         ));
     }
-    let caller = app
+    let policy = state.policy();
+    let caller = policy
         .auth
         .verify(req.headers())
         .await
@@ -82,7 +85,7 @@ async fn purge<B>(
             "the token's scope does not hold {PURGE_SCOPE}"
         )));
     }
-    let purged = app.cache.purge(agent, convo).await;
+    let purged = state.cache.purge(agent, convo).await;
     tracing::info!(team = %caller.team, agent, convo, purged, "cache purge");
     let body = serde_json::json!({
         "success": true,

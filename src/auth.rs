@@ -1,5 +1,11 @@
 //! Caller authentication and authorization: the team JWT in `Authorization: Bearer`, verified
 //! against the configured keys, each pinned to one algorithm; then the `[teams]` rules.
+//! [`Auth`] is one configuration's rules and keys; the verified-token cache and the JWKS
+//! fetchers outlive reloads.
+
+pub mod jwks;
+pub mod keys;
+pub mod sources;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -10,11 +16,9 @@ use http::header::AUTHORIZATION;
 use http::HeaderMap;
 use jsonwebtoken::{Algorithm, Validation};
 
+use self::sources::{load_source, Context, Source};
 use crate::config::{Config, ConfigError};
 use crate::error::{ApiError, AuthFailure};
-use crate::jwks::JwksMetrics;
-use crate::keys::{load_source, Source};
-use crate::pool::Connector;
 
 /// Verified tokens remembered at once, and for how long at most (never past a token's `exp`).
 const VERIFIED_CAPACITY: u64 = 100_000;
@@ -37,13 +41,33 @@ impl Caller {
     }
 }
 
-/// A token that verified: who it names, until when, and by which key source (at which
-/// version of its keys), so a rotation or an expired JWKS stops it at once.
-struct Verified {
+/// A token that verified: who it names, until when, under which configuration, and by which
+/// key source (at which version of its keys), so a reload, a rotation or an expired JWKS
+/// stops it at once.
+pub struct Verified {
     caller: Arc<Caller>,
     exp: u64,
+    generation: u64,
     source: usize,
     version: u64,
+}
+
+/// Tokens that verified, keyed by their SHA-256 (never the token itself). Only successes are
+/// kept, so a flood of invalid tokens adds nothing. Kept across reloads; an entry counts only
+/// under the configuration that made it.
+pub struct VerifiedTokens(
+    moka::future::Cache<[u8; 32], Arc<Verified>, foldhash::fast::RandomState>,
+);
+
+impl Default for VerifiedTokens {
+    fn default() -> Self {
+        VerifiedTokens(
+            moka::future::Cache::builder()
+                .max_capacity(VERIFIED_CAPACITY)
+                .time_to_live(VERIFIED_TTL)
+                .build_with_hasher(foldhash::fast::RandomState::default()),
+        )
+    }
 }
 
 /// What a team may read; `None` means every agent.
@@ -55,9 +79,9 @@ enum Agents {
 
 pub struct Auth {
     sources: Vec<Source>,
-    /// Tokens that verified, keyed by their SHA-256 (never the token itself). Only successes
-    /// are kept, so a flood of invalid tokens adds nothing.
-    verified: moka::future::Cache<[u8; 32], Arc<Verified>, foldhash::fast::RandomState>,
+    verified: Arc<VerifiedTokens>,
+    /// Which configuration this is (see [`Verified`]).
+    generation: u64,
     /// Per algorithm: exp required, nbf checked, iss/aud when configured, leeway.
     validation: Validation,
     team_claim: String,
@@ -68,13 +92,14 @@ impl Auth {
     /// Loads every key (files are then followed for changes). Errors name the key entry.
     pub fn from_config(
         config: &Config,
-        connector: &Connector,
-        metrics: &JwksMetrics,
+        cx: &Context<'_>,
+        verified: Arc<VerifiedTokens>,
+        generation: u64,
     ) -> Result<Auth, ConfigError> {
         let auth = &config.auth;
         let mut sources = Vec::with_capacity(auth.keys.len());
         for (i, spec) in auth.keys.iter().enumerate() {
-            sources.push(load_source(config, i, spec, connector, metrics)?);
+            sources.push(load_source(config, i, spec, cx)?);
         }
         let mut validation = Validation::new(Algorithm::RS256);
         validation.algorithms = Vec::new();
@@ -110,10 +135,8 @@ impl Auth {
         });
         Ok(Auth {
             sources,
-            verified: moka::future::Cache::builder()
-                .max_capacity(VERIFIED_CAPACITY)
-                .time_to_live(VERIFIED_TTL)
-                .build_with_hasher(foldhash::fast::RandomState::default()),
+            verified,
+            generation,
             validation,
             team_claim: auth.team_claim.clone(),
             teams,
@@ -138,11 +161,11 @@ impl Auth {
     pub async fn verify(&self, headers: &HeaderMap) -> Result<Arc<Caller>, AuthFailure> {
         let token = bearer(headers)?;
         let digest = digest(token);
-        if let Some(hit) = self.verified.get(&digest).await {
+        if let Some(hit) = self.verified.0.get(&digest).await {
             if self.still_valid(&hit) {
                 return Ok(hit.caller.clone());
             }
-            self.verified.invalidate(&digest).await;
+            self.verified.0.invalidate(&digest).await;
         }
         // Boxed: the rare path (a JWKS refetch among it) is large, and inline it would make
         // every request's future larger.
@@ -163,7 +186,7 @@ impl Auth {
         };
         let verified = Arc::new(verified);
         let caller = verified.caller.clone();
-        self.verified.insert(digest, verified).await;
+        self.verified.0.insert(digest, verified).await;
         Ok(caller)
     }
 
@@ -181,6 +204,7 @@ impl Auth {
             .map(|d| d.as_secs())
             .unwrap_or(u64::MAX);
         now < v.exp
+            && v.generation == self.generation
             && self
                 .sources
                 .get(v.source)
@@ -245,6 +269,7 @@ impl Auth {
                         return Ok(Verified {
                             caller: Arc::new(self.caller(data.claims)?),
                             exp,
+                            generation: self.generation,
                             source: index,
                             version,
                         });

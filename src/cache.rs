@@ -1,29 +1,33 @@
-//! The export cache: a byte-bounded moka store keyed by (agent, convo, format), single-flight
-//! fetches, `no-cache` / `no-store`, stale-if-error and stale-while-revalidate.
+//! The export cache: a byte-bounded memory store keyed by (agent, convo, format), single-flight
+//! fetches, `no-cache` / `no-store`, stale-if-error and stale-while-revalidate, purge.
 //!
-//! Freshness is decided here from `stored_at` on tokio's clock (which tests can pause), not by
-//! moka's own expiry; moka only drops entries once they are too old to serve even stale.
-//! moka's `try_get_with` coalesces loads of absent keys only, and refreshing a present-but-
-//! expired entry must coalesce too, so in-flight fetches live in their own map.
+//! [`Cache`] is the durable part (the store, the fetches in flight, the purge epoch) and
+//! outlives reloads; [`Settings`] is one configuration's. Freshness is decided by
+//! [`freshness`] from each entry's wall-clock store time, not by moka's expiry. moka's
+//! `try_get_with` coalesces loads of absent keys only, and refreshing a present-but-expired
+//! entry must coalesce too, so fetches in flight live in their own map ([`flight`]).
+//! The cache says what happened ([`Answer`]); the response, `Cache-Status` included, is built
+//! by `http::respond`.
 
-use std::collections::HashMap;
+pub mod flight;
+pub mod freshness;
+pub mod store;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use http::header::{HeaderValue, CACHE_CONTROL};
 use http::{HeaderMap, StatusCode};
-use tokio::sync::{watch, Mutex};
-use tokio::time::Instant;
 
+use self::flight::{Flights, Joined};
+use self::freshness::{assess, Freshness, Windows};
+use self::store::Memory;
+use crate::clock;
 use crate::config;
-use crate::route::{Export, Format};
-use crate::upstream::{Fetched, UpstreamError};
-
-/// Per-entry memory beyond the body: the entry, key strings, headers and moka's bookkeeping,
-/// rounded up, so that `max_bytes` bounds real memory rather than body bytes alone.
-const ENTRY_OVERHEAD: usize = 512;
+use crate::domain::Export;
+use crate::upstream::{Failed, Fault, Fetched};
 
 /// `X-Cache`, and the `cache` label of the request metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,19 +89,45 @@ impl Mode {
     }
 }
 
-/// An upstream failure, with the region it happened in.
-#[derive(Debug, Clone)]
-pub struct Failed {
-    pub region: usize,
-    pub error: UpstreamError,
+/// Why the response went upstream, as RFC 9211's `fwd` parameter says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fwd {
+    Miss,
+    /// The caller asked for a fresh copy (`no-cache`).
+    Request,
+    /// The entry was stale.
+    Stale,
+}
+
+/// How the answer was obtained, in the terms of RFC 9211 `Cache-Status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// A fresh entry, `ttl` whole seconds of freshness left.
+    Hit { ttl: u64 },
+    /// The cache is disabled: every request goes upstream.
+    Disabled,
+    /// `no-store`: fetched without storing.
+    Bypass,
+    /// An expired entry served at once, `past` seconds beyond ttl, while a refresh runs.
+    StaleWhileRevalidate { past: u64 },
+    /// Fetched (or waited for another request's fetch, `collapsed`), and `stored` or not;
+    /// `fwd_status` when the upstream's status is worth telling (not stored, or a failure).
+    Forward {
+        fwd: Fwd,
+        fwd_status: Option<u16>,
+        stored: bool,
+        collapsed: bool,
+    },
+    /// The upstream failed (with `fwd_status`, or without any response) and an expired entry,
+    /// `past` seconds beyond ttl, was served instead.
+    StaleIfError { fwd_status: Option<u16>, past: u64 },
 }
 
 /// What the cache answers with: the response to send and how it was obtained.
 pub struct Answer {
     pub response: Arc<Fetched>,
     pub status: CacheStatus,
-    /// The RFC 9211 `Cache-Status` value.
-    pub cache_status: HeaderValue,
+    pub detail: Detail,
     /// `Age` in seconds, on HIT and STALE.
     pub age: Option<u64>,
     /// Whether this request itself went upstream (false for hits and for coalesced waiters).
@@ -106,117 +136,124 @@ pub struct Answer {
     pub coalesced: bool,
 }
 
-/// The store. foldhash (randomly seeded per process) instead of SipHash: keys are hashed on
-/// every lookup, and a seeded hash keeps chosen ids from colliding on purpose.
-type Store = moka::future::Cache<Export, Arc<Fetched>, foldhash::fast::RandomState>;
-
-/// A flight's outcome: the response and whether it was stored.
-type FlightResult = Result<(Arc<Fetched>, bool), Failed>;
-
-enum Joined {
-    /// Wait on this flight; `true` when this caller started it.
-    Flight(watch::Receiver<Option<FlightResult>>, bool),
-    /// A fresh entry appeared meanwhile.
-    Fresh(Arc<Fetched>, Duration),
+/// One configuration's cache settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub enabled: bool,
+    pub max_bytes: u64,
+    pub windows: Windows,
 }
 
+impl Settings {
+    pub fn from_config(c: &config::Cache) -> Settings {
+        Settings {
+            enabled: c.enabled,
+            max_bytes: c.max_bytes,
+            windows: Windows {
+                ttl: c.ttl,
+                stale_if_error: c.stale_if_error,
+                stale_while_revalidate: c.stale_while_revalidate,
+            },
+        }
+    }
+}
+
+/// The durable cache: what every configuration's requests share.
 pub struct Cache {
-    store: Option<Store>,
-    /// Fetches in flight. An async mutex: a caller that finds no flight re-reads the store
-    /// while holding it, so a flight that completes in between is never started twice.
-    flights: Arc<Mutex<HashMap<Export, watch::Receiver<Option<FlightResult>>>>>,
+    /// `None` while the cache is disabled. Swapped whole when a reload changes its size.
+    store: Arc<ArcSwapOption<Memory>>,
+    flights: Arc<Flights>,
     /// Bumped by every purge; a fetch that overlaps a purge does not keep what it stored.
     purges: Arc<AtomicU64>,
-    ttl: Duration,
-    stale_if_error: Duration,
-    stale_while_revalidate: Duration,
-    max_entry_bytes: usize,
-    /// `Cache-Status` of a hit by whole seconds of freshness left, and `Age` values, made once
-    /// so that a hit formats nothing (up to [`PRECOMPUTED_SECONDS`]).
-    hit_status: Vec<HeaderValue>,
-    ages: Vec<HeaderValue>,
 }
 
-/// How many seconds of `Age` and hit `Cache-Status` values are made ahead.
-const PRECOMPUTED_SECONDS: u64 = 3600;
-
 impl Cache {
-    pub fn new(c: &config::Cache) -> Cache {
-        let keep = c.ttl + c.stale_if_error.max(c.stale_while_revalidate);
-        let store = c.enabled.then(|| {
-            moka::future::Cache::builder()
-                // LRU, as nginx's proxy_cache: a fresh export is always kept (TinyLFU, moka's
-                // default, turns away new keys while the cache is full of older ones).
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .max_capacity(c.max_bytes)
-                .weigher(|key: &Export, entry: &Arc<Fetched>| {
-                    u32::try_from(weight(key, entry)).unwrap_or(u32::MAX)
-                })
-                .time_to_live(keep)
-                .build_with_hasher(foldhash::fast::RandomState::default())
-        });
+    pub fn new(settings: &Settings) -> Cache {
+        let store = settings
+            .enabled
+            .then(|| Arc::new(Memory::new(settings.max_bytes, settings.windows.keep())));
         Cache {
-            store,
-            flights: Arc::new(Mutex::new(HashMap::new())),
+            store: Arc::new(ArcSwapOption::new(store)),
+            flights: Arc::new(Flights::default()),
             purges: Arc::new(AtomicU64::new(0)),
-            ttl: c.ttl,
-            stale_if_error: c.stale_if_error,
-            stale_while_revalidate: c.stale_while_revalidate,
-            max_entry_bytes: usize::try_from(c.max_bytes / 8).unwrap_or(usize::MAX),
-            hit_status: (0..=c.ttl.as_secs().min(PRECOMPUTED_SECONDS))
-                .map(|ttl| header(format!("convocore-gateway; hit; ttl={ttl}")))
-                .collect(),
-            ages: (0..=c.ttl.as_secs().min(PRECOMPUTED_SECONDS))
-                .map(HeaderValue::from)
-                .collect(),
         }
+    }
+
+    /// Applies a reloaded configuration: the store is kept, resized (keeping as many of the
+    /// newest entries as fit), dropped when disabled, or made when enabled; entries that
+    /// `keep` refuses (of a removed region) are dropped.
+    pub async fn configure(&self, settings: &Settings, keep: impl Fn(&Fetched) -> bool) {
+        if !settings.enabled {
+            self.store.store(None);
+            return;
+        }
+        let keep_for = settings.windows.keep();
+        let current = self.store.load_full();
+        let next = match current {
+            Some(store) if store.fits(settings.max_bytes, keep_for) => {
+                store.retain(keep).await;
+                return;
+            }
+            Some(store) => store.rebuilt(settings.max_bytes, keep_for, keep).await,
+            None => Memory::new(settings.max_bytes, keep_for),
+        };
+        self.store.store(Some(Arc::new(next)));
     }
 
     /// Answers `key` from the cache or through `fetch`, as `mode` and the entry's age allow.
     /// `fetch` runs in its own task, so a caller that goes away does not cancel it for others.
-    pub async fn get<F, Fut>(&self, key: &Export, mode: Mode, fetch: F) -> Result<Answer, Failed>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
-    {
-        let mut entry = None;
-        if let (Some(store), Mode::Normal) = (&self.store, mode) {
-            if let Some(found) = store.get(key).await {
-                let age = Instant::now().saturating_duration_since(found.received);
-                if age < self.ttl {
-                    return Ok(self.hit(found, age));
-                }
-                entry = Some(found);
-            }
-        }
-        // Boxed: everything but a fresh hit, so a hit's future stays small (the fetch and the
-        // flight bookkeeping are kilobytes).
-        Box::pin(self.get_slow(key, mode, fetch, entry)).await
-    }
-
-    /// [`Cache::get`] past a fresh hit: stale, missing, refreshed or bypassed. `entry` is what
-    /// the store held for `key` (looked up in `Normal` mode only).
-    async fn get_slow<F, Fut>(
+    pub async fn get<F, Fut>(
         &self,
+        settings: &Settings,
         key: &Export,
         mode: Mode,
         fetch: F,
-        entry: Option<Arc<Fetched>>,
     ) -> Result<Answer, Failed>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
     {
-        if self.store.is_none() {
+        let mut entry = None;
+        if mode == Mode::Normal && settings.enabled {
+            if let Some(store) = &*self.store.load() {
+                if let Some(found) = store.get(key).await {
+                    let freshness = assess(found.received, clock::now(), &settings.windows);
+                    if let Freshness::Fresh { age, ttl_left } = freshness {
+                        return Ok(hit(found, age, ttl_left));
+                    }
+                    entry = Some((found, freshness));
+                }
+            }
+        }
+        // Boxed: everything but a fresh hit, so a hit's future stays small (the fetch and the
+        // flight bookkeeping are kilobytes).
+        Box::pin(self.get_slow(settings, key, mode, fetch, entry)).await
+    }
+
+    /// [`Cache::get`] past a fresh hit: stale, missing, refreshed or bypassed. `entry` is what
+    /// the store held for `key` and how fresh it was (looked up in `Normal` mode only).
+    async fn get_slow<F, Fut>(
+        &self,
+        settings: &Settings,
+        key: &Export,
+        mode: Mode,
+        fetch: F,
+        entry: Option<(Arc<Fetched>, Freshness)>,
+    ) -> Result<Answer, Failed>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
+    {
+        if !settings.enabled || self.store.load().is_none() {
             let fetched = fetch().await?;
-            return Ok(miss(Arc::new(fetched), "convocore-gateway; fwd=miss", true));
+            return Ok(forwarded(Arc::new(fetched), Detail::Disabled, true));
         }
         if mode == Mode::Bypass {
             let fetched = fetch().await?;
             return Ok(Answer {
                 response: Arc::new(fetched),
                 status: CacheStatus::Bypass,
-                cache_status: HeaderValue::from_static("convocore-gateway; fwd=bypass"),
+                detail: Detail::Bypass,
                 age: None,
                 went_upstream: true,
                 coalesced: false,
@@ -224,229 +261,121 @@ impl Cache {
         }
 
         let mut stale = None;
-        if mode == Mode::Normal {
-            if let Some(entry) = entry {
-                let age = Instant::now().saturating_duration_since(entry.received);
-                let past = age - self.ttl;
-                if past < self.stale_while_revalidate {
-                    // Serve at once; one background refresh per key replaces the entry.
-                    let _ = self.join_or_start(key, fetch, true).await;
-                    return Ok(Answer {
-                        cache_status: header(format!(
-                            "convocore-gateway; hit; ttl=-{}; detail=stale-while-revalidate",
-                            past.as_secs()
-                        )),
-                        response: entry,
-                        status: CacheStatus::Stale,
-                        age: Some(age.as_secs()),
-                        went_upstream: false,
-                        coalesced: false,
-                    });
-                }
-                if past < self.stale_if_error {
-                    stale = Some((entry, age));
-                }
+        match entry {
+            Some((entry, Freshness::Revalidate { age, past })) => {
+                // Serve at once; one background refresh per key replaces the entry.
+                let _ = self.join_or_start(settings, key, fetch, true).await;
+                return Ok(Answer {
+                    response: entry,
+                    status: CacheStatus::Stale,
+                    detail: Detail::StaleWhileRevalidate {
+                        past: past.as_secs(),
+                    },
+                    age: Some(age.as_secs()),
+                    went_upstream: false,
+                    coalesced: false,
+                });
             }
+            Some((entry, Freshness::IfError { age, past })) => stale = Some((entry, age, past)),
+            _ => {}
         }
 
-        let (mut rx, leader) = match self.join_or_start(key, fetch, mode == Mode::Normal).await {
+        let recheck = mode == Mode::Normal;
+        let (mut rx, leader) = match self.join_or_start(settings, key, fetch, recheck).await {
             Joined::Flight(rx, leader) => (rx, leader),
-            Joined::Fresh(entry, age) => return Ok(self.hit(entry, age)),
+            Joined::Fresh(entry, age, ttl_left) => return Ok(hit(entry, age, ttl_left)),
         };
         let result = match rx.wait_for(Option::is_some).await {
             Ok(r) => r.clone().unwrap_or_else(|| Err(lost())),
             Err(_) => Err(lost()),
         };
         let fwd = if mode == Mode::Refresh {
-            "request"
+            Fwd::Request
         } else if stale.is_some() {
-            "stale"
+            Fwd::Stale
         } else {
-            "miss"
+            Fwd::Miss
         };
         match result {
             Ok((fetched, stored)) if !is_failure(fetched.status) => {
-                let status = if !leader {
-                    format!("convocore-gateway; fwd={fwd}; collapsed")
-                } else if stored {
-                    format!("convocore-gateway; fwd={fwd}; stored")
-                } else {
-                    format!(
-                        "convocore-gateway; fwd={fwd}; fwd-status={}",
-                        fetched.status.as_u16()
-                    )
+                let fwd_status = (leader && !stored).then(|| fetched.status.as_u16());
+                let detail = Detail::Forward {
+                    fwd,
+                    fwd_status,
+                    stored: leader && stored,
+                    collapsed: !leader,
                 };
-                Ok(miss(fetched, &status, leader))
+                Ok(forwarded(fetched, detail, leader))
             }
             Ok((fetched, _)) => match stale {
-                Some((entry, age)) => Ok(stale_answer(
+                Some((entry, age, past)) => Ok(stale_answer(
                     entry,
                     age,
-                    self.ttl,
-                    Some(fetched.status),
+                    past,
+                    Some(fetched.status.as_u16()),
                     leader,
                 )),
                 None => {
-                    let status = format!(
-                        "convocore-gateway; fwd={fwd}; fwd-status={}{}",
-                        fetched.status.as_u16(),
-                        if leader { "" } else { "; collapsed" }
-                    );
-                    Ok(miss(fetched, &status, leader))
+                    let detail = Detail::Forward {
+                        fwd,
+                        fwd_status: Some(fetched.status.as_u16()),
+                        stored: false,
+                        collapsed: !leader,
+                    };
+                    Ok(forwarded(fetched, detail, leader))
                 }
             },
             Err(failed) => match stale {
-                Some((entry, age)) => Ok(stale_answer(entry, age, self.ttl, None, leader)),
+                Some((entry, age, past)) => Ok(stale_answer(entry, age, past, None, leader)),
                 None => Err(failed),
             },
         }
     }
 
-    /// The `Age` header for `secs`.
-    pub fn age_header(&self, secs: u64) -> HeaderValue {
-        usize::try_from(secs)
-            .ok()
-            .and_then(|i| self.ages.get(i))
-            .cloned()
-            .unwrap_or_else(|| HeaderValue::from(secs))
-    }
-
-    fn hit(&self, entry: Arc<Fetched>, age: Duration) -> Answer {
-        let ttl = self.ttl.saturating_sub(age).as_secs();
-        let cache_status = usize::try_from(ttl)
-            .ok()
-            .and_then(|i| self.hit_status.get(i))
-            .cloned()
-            .unwrap_or_else(|| header(format!("convocore-gateway; hit; ttl={ttl}")));
-        Answer {
-            cache_status,
-            response: entry,
-            status: CacheStatus::Hit,
-            age: Some(age.as_secs()),
-            went_upstream: false,
-            coalesced: false,
-        }
-    }
-
-    /// Joins the fetch in flight for `key`, or starts one (then this caller leads). With
-    /// `recheck`, a fresh entry stored since the caller looked is returned instead.
-    async fn join_or_start<F, Fut>(&self, key: &Export, fetch: F, recheck: bool) -> Joined
+    /// Joins the fetch in flight for `key`, or starts one (then this caller leads).
+    async fn join_or_start<F, Fut>(
+        &self,
+        settings: &Settings,
+        key: &Export,
+        fetch: F,
+        recheck: bool,
+    ) -> Joined
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
     {
-        let mut flights = self.flights.lock().await;
-        if let Some(rx) = flights.get(key) {
-            // A flight whose task ended without answering (it cannot, short of a panic) must
-            // not answer for the key forever: start a new one instead.
-            let abandoned = rx.has_changed().is_err() && rx.borrow().is_none();
-            if !abandoned {
-                return Joined::Flight(rx.clone(), false);
-            }
-        }
-        if let (true, Some(store)) = (recheck, &self.store) {
-            // A flight removes itself only after storing, so under this lock the store is
-            // current: what a just-finished flight stored is seen here.
-            if let Some(entry) = store.get(key).await {
-                let age = Instant::now().saturating_duration_since(entry.received);
-                if age < self.ttl {
-                    return Joined::Fresh(entry, age);
-                }
-            }
-        }
-        let (tx, rx) = watch::channel(None);
-        flights.insert(key.clone(), rx.clone());
-        drop(flights);
-
-        let future = fetch();
-        let store = self.store.clone();
-        let flights = self.flights.clone();
-        let purges = self.purges.clone();
-        let epoch = purges.load(Ordering::SeqCst);
-        let key = key.clone();
-        let max_entry_bytes = self.max_entry_bytes;
-        // `fetch` instruments its future with the leading request's span.
-        let task = async move {
-            let result = future.await;
-            let result = match result {
-                Ok(fetched) => {
-                    let fetched = Arc::new(fetched);
-                    let mut stored = false;
-                    if let Some(store) = &store {
-                        if fetched.status == StatusCode::OK
-                            && fetched.storable
-                            && fetched.body.len() <= max_entry_bytes
-                        {
-                            store.insert(key.clone(), fetched.clone()).await;
-                            stored = true;
-                            // A purge since this fetch began must win over what it fetched.
-                            if purges.load(Ordering::SeqCst) != epoch {
-                                store.invalidate(&key).await;
-                                stored = false;
-                            }
-                        }
-                    }
-                    Ok((fetched, stored))
-                }
-                Err(failed) => Err(failed),
-            };
-            flights.lock().await.remove(&key);
-            let _ = tx.send(Some(result));
-        };
-        tokio::spawn(task);
-        Joined::Flight(rx, true)
+        self.flights
+            .join_or_start(
+                key,
+                fetch,
+                recheck.then_some(&settings.windows),
+                &self.store,
+                &self.purges,
+            )
+            .await
     }
 
     /// Drops every format of one conversation; returns how many entries there were.
     pub async fn purge(&self, agent: &str, convo: &str) -> usize {
-        let Some(store) = &self.store else { return 0 };
+        let Some(store) = self.store.load_full() else {
+            return 0;
+        };
         self.purges.fetch_add(1, Ordering::SeqCst);
-        let mut purged = 0;
-        for format in [Format::Json, Format::Csv] {
-            let key = Export {
-                agent: agent.to_string(),
-                convo: convo.to_string(),
-                format,
-            };
-            if store.remove(&key).await.is_some() {
-                purged += 1;
-            }
-        }
-        purged
+        store.purge(agent, convo).await
     }
 
+    /// Whether a store exists (the cache is enabled).
     pub fn enabled(&self) -> bool {
-        self.store.is_some()
+        self.store.load().is_some()
     }
 
     /// Entries and weighted bytes, after moka's pending housekeeping.
     pub async fn usage(&self) -> (u64, u64) {
-        match &self.store {
-            Some(store) => {
-                store.run_pending_tasks().await;
-                (store.entry_count(), store.weighted_size())
-            }
+        match self.store.load_full() {
+            Some(store) => store.usage().await,
             None => (0, 0),
         }
     }
-
-    /// Entries and weighted bytes as moka last counted them (cheap; for gauges).
-    pub fn usage_now(&self) -> (u64, u64) {
-        match &self.store {
-            Some(store) => (store.entry_count(), store.weighted_size()),
-            None => (0, 0),
-        }
-    }
-}
-
-/// What one entry costs: its body plus the bounded overhead of everything around it.
-fn weight(key: &Export, entry: &Fetched) -> usize {
-    let headers: usize = entry
-        .headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 32)
-        .sum();
-    entry.body.len() + key.agent.len() + key.convo.len() + headers + ENTRY_OVERHEAD
 }
 
 /// 5xx and 429 are failures that stale-if-error may cover.
@@ -454,24 +383,32 @@ fn is_failure(status: StatusCode) -> bool {
     status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
 }
 
+/// The flight ended without a word: the gateway's fault, not the upstream's.
 fn lost() -> Failed {
     Failed {
-        region: 0,
-        error: UpstreamError::Protocol(Arc::new(std::io::Error::other(
-            "the fetch task ended without an answer",
-        ))),
+        region: None,
+        fault: Fault::Internal("the fetch task ended without an answer"),
     }
 }
 
-fn header(s: String) -> HeaderValue {
-    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("convocore-gateway"))
+fn hit(entry: Arc<Fetched>, age: std::time::Duration, ttl_left: std::time::Duration) -> Answer {
+    Answer {
+        response: entry,
+        status: CacheStatus::Hit,
+        detail: Detail::Hit {
+            ttl: ttl_left.as_secs(),
+        },
+        age: Some(age.as_secs()),
+        went_upstream: false,
+        coalesced: false,
+    }
 }
 
-fn miss(response: Arc<Fetched>, cache_status: &str, went_upstream: bool) -> Answer {
+fn forwarded(response: Arc<Fetched>, detail: Detail, went_upstream: bool) -> Answer {
     Answer {
         response,
         status: CacheStatus::Miss,
-        cache_status: header(cache_status.to_string()),
+        detail,
         age: None,
         went_upstream,
         coalesced: !went_upstream,
@@ -480,21 +417,18 @@ fn miss(response: Arc<Fetched>, cache_status: &str, went_upstream: bool) -> Answ
 
 fn stale_answer(
     entry: Arc<Fetched>,
-    age: Duration,
-    ttl: Duration,
-    upstream_status: Option<StatusCode>,
+    age: std::time::Duration,
+    past: std::time::Duration,
+    fwd_status: Option<u16>,
     went_upstream: bool,
 ) -> Answer {
-    let past = age.saturating_sub(ttl).as_secs();
-    let fwd_status = upstream_status
-        .map(|s| format!("; fwd-status={}", s.as_u16()))
-        .unwrap_or_default();
     Answer {
-        cache_status: header(format!(
-            "convocore-gateway; fwd=stale{fwd_status}; ttl=-{past}; detail=stale-if-error"
-        )),
         response: entry,
         status: CacheStatus::Stale,
+        detail: Detail::StaleIfError {
+            fwd_status,
+            past: past.as_secs(),
+        },
         age: Some(age.as_secs()),
         went_upstream,
         coalesced: !went_upstream,
@@ -504,6 +438,9 @@ fn stale_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    use crate::upstream::UpstreamError;
 
     fn cc(v: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -521,47 +458,90 @@ mod tests {
         assert_eq!(Mode::from_headers(&cc("max-age=60")), Mode::Normal);
     }
 
-    fn fetched(body: &'static str) -> Fetched {
+    #[test]
+    fn failures() {
+        assert!(is_failure(StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(is_failure(StatusCode::TOO_MANY_REQUESTS));
+        assert!(!is_failure(StatusCode::NOT_FOUND));
+        assert!(!is_failure(StatusCode::OK));
+    }
+
+    fn fetched_in(region: &'static str, status: StatusCode, body: &'static str) -> Fetched {
         Fetched {
-            status: StatusCode::OK,
+            status,
             headers: HeaderMap::new(),
             body: bytes::Bytes::from_static(body.as_bytes()),
             storable: true,
             elapsed: Duration::ZERO,
-            received: Instant::now(),
-            region: 0,
+            received: clock::now(),
+            region: HeaderValue::from_static(region),
         }
+    }
+
+    fn fetched(body: &'static str) -> Fetched {
+        fetched_in("eu", StatusCode::OK, body)
+    }
+
+    fn key(convo: &str) -> Export {
+        Export {
+            agent: "a".into(),
+            convo: convo.into(),
+            format: crate::domain::Format::Json,
+        }
+    }
+
+    fn settings(ttl: u64, sie: u64, swr: u64) -> Settings {
+        Settings {
+            enabled: true,
+            max_bytes: 1 << 20,
+            windows: Windows {
+                ttl: Duration::from_secs(ttl),
+                stale_if_error: Duration::from_secs(sie),
+                stale_while_revalidate: Duration::from_secs(swr),
+            },
+        }
+    }
+
+    fn unreachable() -> Failed {
+        Failed {
+            region: Some(HeaderValue::from_static("eu")),
+            fault: Fault::Upstream(UpstreamError::Timeout),
+        }
+    }
+
+    async fn get(cache: &Cache, s: &Settings, k: &Export, body: &'static str) -> Answer {
+        cache
+            .get(s, k, Mode::Normal, || async move { Ok(fetched(body)) })
+            .await
+            .ok()
+            .unwrap()
     }
 
     #[tokio::test]
     async fn a_fetch_that_dies_does_not_answer_for_its_key_forever() {
-        let cache = Cache::new(&config::Cache::default());
-        let key = Export {
-            agent: "a".into(),
-            convo: "c".into(),
-            format: Format::Json,
-        };
+        let s = Settings::from_config(&config::Cache::default());
+        let cache = Cache::new(&s);
+        let key = key("c");
         let dead = cache
-            .get(&key, Mode::Normal, || async {
+            .get(&s, &key, Mode::Normal, || async {
                 if key_is_cursed() {
                     panic!("the fetch task dies");
                 }
                 Ok(fetched("never"))
             })
             .await;
-        assert!(dead.is_err());
-        let answer = cache
-            .get(&key, Mode::Normal, || async { Ok(fetched("ok")) })
-            .await
-            .ok()
-            .unwrap();
+        // The gateway's own fault, not the upstream's.
+        assert!(matches!(
+            dead,
+            Err(Failed {
+                fault: Fault::Internal(_),
+                ..
+            })
+        ));
+        let answer = get(&cache, &s, &key, "ok").await;
         assert_eq!(answer.response.body, "ok");
         assert_eq!(answer.status, CacheStatus::Miss);
-        let answer = cache
-            .get(&key, Mode::Normal, || async { Ok(fetched("again")) })
-            .await
-            .ok()
-            .unwrap();
+        let answer = get(&cache, &s, &key, "again").await;
         assert_eq!(answer.status, CacheStatus::Hit);
         assert_eq!(answer.response.body, "ok");
     }
@@ -570,11 +550,129 @@ mod tests {
         true
     }
 
-    #[test]
-    fn failures() {
-        assert!(is_failure(StatusCode::INTERNAL_SERVER_ERROR));
-        assert!(is_failure(StatusCode::TOO_MANY_REQUESTS));
-        assert!(!is_failure(StatusCode::NOT_FOUND));
-        assert!(!is_failure(StatusCode::OK));
+    /// Fresh, then stale-if-error on a failing upstream, then gone, on paused time.
+    #[tokio::test(start_paused = true)]
+    async fn stale_if_error_covers_a_failure_within_its_window_only() {
+        let s = settings(60, 120, 0);
+        let cache = Cache::new(&s);
+        let k = key("c");
+        assert_eq!(get(&cache, &s, &k, "v1").await.status, CacheStatus::Miss);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        let hit = get(&cache, &s, &k, "unused").await;
+        assert_eq!(
+            (hit.status, hit.detail, hit.age),
+            (CacheStatus::Hit, Detail::Hit { ttl: 1 }, Some(59))
+        );
+
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let failing = || async { Err(unreachable()) };
+        let stale = cache.get(&s, &k, Mode::Normal, failing).await.ok().unwrap();
+        assert_eq!(stale.status, CacheStatus::Stale);
+        assert_eq!(stale.response.body, "v1");
+        assert_eq!(stale.age, Some(90));
+        assert_eq!(
+            stale.detail,
+            Detail::StaleIfError {
+                fwd_status: None,
+                past: 30
+            }
+        );
+        // An upstream 5xx is covered the same way, and says its status.
+        let five = || async { Ok(fetched_in("eu", StatusCode::BAD_GATEWAY, "down")) };
+        let stale = cache.get(&s, &k, Mode::Normal, five).await.ok().unwrap();
+        assert_eq!(
+            stale.detail,
+            Detail::StaleIfError {
+                fwd_status: Some(502),
+                past: 30
+            }
+        );
+
+        tokio::time::advance(Duration::from_secs(90)).await;
+        let failing = || async { Err(unreachable()) };
+        assert!(cache.get(&s, &k, Mode::Normal, failing).await.is_err());
+    }
+
+    /// An entry past ttl but within stale-while-revalidate is served at once, and one
+    /// background fetch replaces it.
+    #[tokio::test(start_paused = true)]
+    async fn stale_while_revalidate_serves_at_once_and_refreshes_behind() {
+        let s = settings(10, 0, 30);
+        let cache = Cache::new(&s);
+        let k = key("c");
+        get(&cache, &s, &k, "v1").await;
+        tokio::time::advance(Duration::from_secs(15)).await;
+        let stale = get(&cache, &s, &k, "v2").await;
+        assert_eq!(stale.status, CacheStatus::Stale);
+        assert_eq!(stale.response.body, "v1");
+        assert_eq!(stale.detail, Detail::StaleWhileRevalidate { past: 5 });
+        assert!(!stale.went_upstream);
+        // Let the background refresh finish.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let fresh = get(&cache, &s, &k, "v3").await;
+        assert_eq!(fresh.status, CacheStatus::Hit);
+        assert_eq!(fresh.response.body, "v2");
+    }
+
+    /// A reload keeps the entries; a smaller `max_bytes` evicts down to it (the newest stay);
+    /// entries of a removed region go; disabling drops the store.
+    #[tokio::test(start_paused = true)]
+    async fn configure_keeps_resizes_and_drops() {
+        let mut s = settings(600, 0, 0);
+        s.max_bytes = 64 * 1024;
+        let cache = Cache::new(&s);
+        for i in 0..8 {
+            let body: &'static str = Box::leak(format!("{i}{}", "x".repeat(999)).into_boxed_str());
+            let k = key(&format!("c{i}"));
+            cache
+                .get(
+                    &s,
+                    &k,
+                    Mode::Normal,
+                    move || async move { Ok(fetched(body)) },
+                )
+                .await
+                .ok()
+                .unwrap();
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(cache.usage().await.0, 8);
+        cache.configure(&s, |_| true).await;
+        assert_eq!(
+            cache.usage().await.0,
+            8,
+            "an unchanged reload keeps every entry"
+        );
+
+        s.max_bytes = 8 * 1024;
+        cache.configure(&s, |_| true).await;
+        let (entries, bytes) = cache.usage().await;
+        assert!(bytes <= 8 * 1024, "{bytes}");
+        assert!((3..8).contains(&entries), "{entries}");
+        let newest = get(&cache, &s, &key("c7"), "refetched").await;
+        assert_eq!(newest.status, CacheStatus::Hit, "the newest entry is kept");
+
+        s.max_bytes = 1 << 20;
+        cache.configure(&s, |_| true).await;
+        assert_eq!(
+            cache.usage().await.0,
+            entries,
+            "growing keeps what there was"
+        );
+        cache.configure(&s, |e| e.region != "eu").await;
+        assert_eq!(
+            cache.usage().await.0,
+            0,
+            "a removed region's entries are dropped"
+        );
+
+        s.enabled = false;
+        cache.configure(&s, |_| true).await;
+        assert!(!cache.enabled());
+        s.enabled = true;
+        cache.configure(&s, |_| true).await;
+        assert!(cache.enabled());
     }
 }

@@ -1,16 +1,31 @@
-//! The configuration file: serde structs that mirror `CONTRACT.md`, strict parsing (unknown keys
-//! are errors) and one `validate()` whose errors name the key and the file.
+//! The configuration file: serde structs that mirror `CONTRACT.md`, one file per section, each
+//! with its own `validate()`; strict parsing (unknown keys are errors), and errors that name
+//! the key and the file. `check-config`, start-up and every reload share [`Config::load`].
+
+mod auth;
+mod cache;
+mod log;
+mod routing;
+mod server;
+mod teams;
+mod upstream;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+pub use self::auth::{Auth, Key};
+pub use self::cache::Cache;
+pub use self::log::{Log, LogFormat};
+pub use self::routing::Routing;
+pub use self::server::{Server, Tls};
+pub use self::teams::Team;
+pub use self::upstream::{Region, Upstream};
+
 /// A configuration problem: which file, which key, what is wrong. Exit status 2.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{file}: {key}: {message}")]
 pub struct ConfigError {
     pub file: String,
@@ -35,7 +50,7 @@ pub struct Config {
     pub server: Server,
     #[serde(default)]
     pub upstream: Upstream,
-    #[serde(default = "default_regions")]
+    #[serde(default = "upstream::default_regions")]
     pub regions: BTreeMap<String, Region>,
     #[serde(default)]
     pub routing: Routing,
@@ -50,201 +65,6 @@ pub struct Config {
     /// The file this was read from; relative `*_file` paths resolve against its folder.
     #[serde(skip)]
     pub path: PathBuf,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Server {
-    pub listen: SocketAddr,
-    pub admin_listen: SocketAddr,
-    #[serde(with = "humantime_serde")]
-    pub shutdown_grace: Duration,
-    pub tls: Option<Tls>,
-}
-
-impl Default for Server {
-    fn default() -> Self {
-        Server {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            admin_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
-            shutdown_grace: Duration::from_secs(30),
-            tls: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Tls {
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Upstream {
-    pub token_env: Option<String>,
-    pub token_file: Option<PathBuf>,
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    #[serde(with = "humantime_serde")]
-    pub request_timeout: Duration,
-    #[serde(deserialize_with = "size")]
-    pub max_response_bytes: u64,
-    pub ca_file: Option<PathBuf>,
-}
-
-impl Default for Upstream {
-    fn default() -> Self {
-        Upstream {
-            token_env: None,
-            token_file: None,
-            connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(30),
-            max_response_bytes: 32 << 20,
-            ca_file: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Region {
-    pub base_url: String,
-    pub token_env: Option<String>,
-    pub token_file: Option<PathBuf>,
-}
-
-fn default_regions() -> BTreeMap<String, Region> {
-    let region = |url: &str| Region {
-        base_url: url.to_string(),
-        token_env: None,
-        token_file: None,
-    };
-    BTreeMap::from([
-        (
-            "eu".to_string(),
-            region("https://eu-gcp-api.vg-stuff.com/v3"),
-        ),
-        (
-            "na".to_string(),
-            region("https://na-gcp-api.vg-stuff.com/v3"),
-        ),
-    ])
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Routing {
-    pub default_region: String,
-    pub discover: bool,
-    pub agents: BTreeMap<String, String>,
-}
-
-impl Default for Routing {
-    fn default() -> Self {
-        Routing {
-            default_region: "eu".to_string(),
-            discover: true,
-            agents: BTreeMap::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Auth {
-    pub issuers: Vec<String>,
-    pub audiences: Vec<String>,
-    #[serde(with = "humantime_serde")]
-    pub leeway: Duration,
-    pub team_claim: String,
-    pub keys: Vec<Key>,
-}
-
-impl Default for Auth {
-    fn default() -> Self {
-        Auth {
-            issuers: Vec::new(),
-            audiences: Vec::new(),
-            leeway: Duration::from_secs(30),
-            team_claim: "team".to_string(),
-            keys: Vec::new(),
-        }
-    }
-}
-
-/// One `[[auth.keys]]` entry: exactly one source.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Key {
-    pub kid: Option<String>,
-    pub algorithm: Option<String>,
-    pub public_key_file: Option<PathBuf>,
-    pub secret_env: Option<String>,
-    pub secret_file: Option<PathBuf>,
-    pub jwks_file: Option<PathBuf>,
-    pub jwks_url: Option<String>,
-    #[serde(default, with = "humantime_serde")]
-    pub refresh: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub max_stale: Option<Duration>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Team {
-    /// Agent ids this team may export; `"*"` stands for every agent.
-    pub agents: Vec<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Cache {
-    pub enabled: bool,
-    #[serde(deserialize_with = "size")]
-    pub max_bytes: u64,
-    #[serde(with = "humantime_serde")]
-    pub ttl: Duration,
-    #[serde(with = "humantime_serde")]
-    pub stale_if_error: Duration,
-    #[serde(with = "humantime_serde")]
-    pub stale_while_revalidate: Duration,
-}
-
-impl Default for Cache {
-    fn default() -> Self {
-        Cache {
-            enabled: true,
-            max_bytes: 256 << 20,
-            ttl: Duration::from_secs(300),
-            stale_if_error: Duration::from_secs(3600),
-            stale_while_revalidate: Duration::ZERO,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Json,
-    Text,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Log {
-    pub format: LogFormat,
-    pub level: String,
-}
-
-impl Default for Log {
-    fn default() -> Self {
-        Log {
-            format: LogFormat::Json,
-            level: "info".to_string(),
-        }
-    }
 }
 
 /// Sizes: `"64KiB"`, `"256MiB"`, or a plain integer of bytes.
@@ -266,15 +86,6 @@ fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
                 ))
             }),
     }
-}
-
-/// Ids of agents and conversations: 1 to 128 characters of `A-Z a-z 0-9 _ -`.
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 impl Config {
@@ -308,7 +119,8 @@ impl Config {
         Ok(config)
     }
 
-    fn err(&self, key: impl Into<String>, message: impl fmt::Display) -> ConfigError {
+    /// An error about `key` in this file.
+    pub fn err(&self, key: impl Into<String>, message: impl fmt::Display) -> ConfigError {
         ConfigError::new(&self.path, key, message)
     }
 
@@ -323,191 +135,19 @@ impl Config {
         }
     }
 
-    /// Checks what serde cannot: cross-references, ranges, exactly-one-of sources.
-    /// Files and environment variables are read later, by the parts that use them.
+    /// Checks what serde cannot, section by section: cross-references, ranges, exactly-one-of
+    /// sources. Files and environment variables are read later, by the parts that use them.
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
-            return Err(self.err("server.admin_listen", "must differ from server.listen"));
-        }
-        if self.upstream.connect_timeout.is_zero() {
-            return Err(self.err("upstream.connect_timeout", "must be greater than 0"));
-        }
-        if self.upstream.request_timeout.is_zero() {
-            return Err(self.err("upstream.request_timeout", "must be greater than 0"));
-        }
-        if self.upstream.max_response_bytes == 0 {
-            return Err(self.err("upstream.max_response_bytes", "must be greater than 0"));
-        }
-        if self.upstream.token_env.is_some() && self.upstream.token_file.is_some() {
-            return Err(self.err(
-                "upstream.token_env",
-                "set token_env or token_file, not both",
-            ));
-        }
-        if self.regions.is_empty() {
-            return Err(self.err("regions", "at least one region is required"));
-        }
-        let shared_token = self.upstream.token_env.is_some() || self.upstream.token_file.is_some();
-        for (name, region) in &self.regions {
-            let key = format!("regions.{name}");
-            if name.is_empty()
-                || name.len() > 32
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            {
-                return Err(self.err(key, "region names are 1 to 32 characters of a-z 0-9 -"));
-            }
-            check_base_url(&region.base_url).map_err(|m| self.err(format!("{key}.base_url"), m))?;
-            if region.token_env.is_some() && region.token_file.is_some() {
-                return Err(self.err(
-                    format!("{key}.token_env"),
-                    "set token_env or token_file, not both",
-                ));
-            }
-            if !shared_token && region.token_env.is_none() && region.token_file.is_none() {
-                return Err(self.err(
-                    "upstream.token_env",
-                    format!(
-                        "no Convocore token source: set upstream.token_env or upstream.token_file \
-                         (or a token source on region {name})"
-                    ),
-                ));
-            }
-        }
-        if !self.regions.contains_key(&self.routing.default_region) {
-            return Err(self.err(
-                "routing.default_region",
-                format!("no region named {:?}", self.routing.default_region),
-            ));
-        }
-        for (agent, region) in &self.routing.agents {
-            if !valid_id(agent) {
-                return Err(self.err(
-                    format!("routing.agents.{agent}"),
-                    "agent ids are 1 to 128 characters of A-Z a-z 0-9 _ -",
-                ));
-            }
-            if !self.regions.contains_key(region) {
-                return Err(self.err(
-                    format!("routing.agents.{agent}"),
-                    format!("no region named {region:?}"),
-                ));
-            }
-        }
-        if self.auth.team_claim.is_empty() {
-            return Err(self.err("auth.team_claim", "must not be empty"));
-        }
-        if self.auth.keys.is_empty() {
-            return Err(self.err(
-                "auth.keys",
-                "at least one [[auth.keys]] entry is required to verify team JWTs",
-            ));
-        }
-        for (i, key) in self.auth.keys.iter().enumerate() {
-            let at = format!("auth.keys[{i}]");
-            let sources = [
-                key.public_key_file.is_some(),
-                key.secret_env.is_some(),
-                key.secret_file.is_some(),
-                key.jwks_file.is_some(),
-                key.jwks_url.is_some(),
-            ];
-            match sources.iter().filter(|s| **s).count() {
-                1 => {}
-                0 => {
-                    return Err(self.err(
-                        at,
-                        "needs one key source: public_key_file, secret_env, secret_file, \
-                         jwks_file or jwks_url",
-                    ))
-                }
-                _ => return Err(self.err(at, "set exactly one key source per [[auth.keys]] entry")),
-            }
-            let jwks = key.jwks_file.is_some() || key.jwks_url.is_some();
-            if !jwks && key.algorithm.is_none() {
-                return Err(self.err(
-                    format!("{at}.algorithm"),
-                    "required for public_key_file, secret_env and secret_file keys",
-                ));
-            }
-            if key.jwks_url.is_none() && (key.refresh.is_some() || key.max_stale.is_some()) {
-                return Err(self.err(
-                    format!("{at}.refresh"),
-                    "refresh and max_stale apply to jwks_url keys only",
-                ));
-            }
-            if jwks && key.kid.is_some() {
-                return Err(self.err(
-                    format!("{at}.kid"),
-                    "a JWKS names its own kids; kid applies to single keys only",
-                ));
-            }
-            if let Some(url) = &key.jwks_url {
-                check_jwks_url(url).map_err(|m| self.err(format!("{at}.jwks_url"), m))?;
-            }
-            if key.refresh.is_some_and(|r| r.is_zero()) {
-                return Err(self.err(format!("{at}.refresh"), "must be greater than 0"));
-            }
-            if key.max_stale.is_some_and(|r| r.is_zero()) {
-                return Err(self.err(format!("{at}.max_stale"), "must be greater than 0"));
-            }
-        }
+        self.server.validate(self)?;
+        self.upstream.validate(self)?;
+        upstream::validate_regions(self)?;
+        self.routing.validate(self)?;
+        self.auth.validate(self)?;
         if let Some(teams) = &self.teams {
-            for (team, rule) in teams {
-                for agent in &rule.agents {
-                    if agent != "*" && !valid_id(agent) {
-                        return Err(self.err(
-                            format!("teams.{team}.agents"),
-                            format!("{agent:?} is neither \"*\" nor a valid agent id"),
-                        ));
-                    }
-                }
-            }
+            teams::validate(teams, self)?;
         }
-        if self.cache.enabled && self.cache.max_bytes == 0 {
-            return Err(self.err("cache.max_bytes", "must be greater than 0"));
-        }
-        if self.cache.enabled && self.cache.ttl.is_zero() {
-            return Err(self.err("cache.ttl", "must be greater than 0"));
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(self.err(
-                "log.level",
-                format!("{:?} is not a level or filter directive", self.log.level),
-            ));
-        }
-        Ok(())
-    }
-}
-
-fn check_base_url(url: &str) -> Result<(), String> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("https") | Some("http") => {}
-        _ => return Err(format!("{url:?} must start with https:// or http://")),
-    }
-    if uri.host().is_none() {
-        return Err(format!("{url:?} has no host"));
-    }
-    if uri.query().is_some() {
-        return Err(format!("{url:?} must not have a query"));
-    }
-    Ok(())
-}
-
-/// JWKS URLs are HTTPS; plain HTTP only on loopback (a local sidecar IdP, tests).
-fn check_jwks_url(url: &str) -> Result<(), String> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    let host = uri.host().ok_or_else(|| format!("{url:?} has no host"))?;
-    match uri.scheme_str() {
-        Some("https") => Ok(()),
-        Some("http") if host == "localhost" || host == "127.0.0.1" || host == "[::1]" => Ok(()),
-        _ => Err(format!("{url:?} must be an https:// URL")),
+        self.cache.validate(self)?;
+        self.log.validate(self)
     }
 }
 
@@ -529,6 +169,7 @@ fn toml_message(text: &str, e: &toml::de::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"))
@@ -663,16 +304,5 @@ mod tests {
         assert!(!e.to_string().contains("s3cr3t-value"), "{e}");
         let e = parse("token = \"s3cr3t-value").unwrap_err();
         assert!(!e.to_string().contains("s3cr3t-value"), "{e}");
-    }
-
-    #[test]
-    fn ids() {
-        assert!(valid_id("agent-123_X"));
-        assert!(valid_id(&"a".repeat(128)));
-        assert!(!valid_id(&"a".repeat(129)));
-        assert!(!valid_id(""));
-        assert!(!valid_id("a.b"));
-        assert!(!valid_id("a%2Fb"));
-        assert!(!valid_id("é"));
     }
 }

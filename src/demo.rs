@@ -9,9 +9,9 @@ use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 use crate::config::Config;
-use crate::mock::MockConvocore;
 use crate::server::{self, Listeners};
-use crate::App;
+use crate::testing::mock::MockConvocore;
+use crate::{reload, State};
 
 pub const DEMO_ISSUER: &str = "https://demo.convocore-gateway.invalid";
 pub const DEMO_AUDIENCE: &str = "convocore-gateway";
@@ -97,7 +97,8 @@ format = "text"
     std::fs::write(&config_path, config_text)?;
     let config = Config::load(&config_path)?;
     let _log = crate::log::init(config.log.format, &config.log.level);
-    let app = Arc::new(App::build(config)?);
+    let state = State::build(config)?;
+    tokio::spawn(reload::on_sighup(Arc::downgrade(&state)));
 
     let now = jsonwebtoken::get_current_timestamp();
     let claims = serde_json::json!({
@@ -137,7 +138,7 @@ Press Ctrl-C to stop.
         eu = eu.base_url(),
         na = na.base_url(),
     );
-    server::run(app, listeners, server::shutdown_signal()).await?;
+    server::run(state, listeners, server::shutdown_signal()).await?;
     drop((eu, na));
     Ok(())
 }

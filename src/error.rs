@@ -83,10 +83,9 @@ pub enum ApiError {
     Forbidden(String),
     #[error("upstream: {0}")]
     Upstream(#[from] UpstreamError),
-    #[error("not ready")]
-    Unavailable(&'static str),
+    /// The gateway's own fault (never Convocore's): 500.
     #[error("internal: {0}")]
-    Internal(String),
+    Internal(&'static str),
 }
 
 impl ApiError {
@@ -101,10 +100,8 @@ impl ApiError {
             ApiError::Upstream(
                 UpstreamError::Unreachable(_)
                 | UpstreamError::TooLarge
-                | UpstreamError::Protocol(_)
-                | UpstreamError::Token(_),
+                | UpstreamError::Protocol(_),
             ) => StatusCode::BAD_GATEWAY,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -138,11 +135,6 @@ impl ApiError {
                 "bad upstream response",
                 Some("the Convocore region sent an invalid response"),
             ),
-            ApiError::Upstream(UpstreamError::Token(_)) => (
-                "upstream credentials unavailable",
-                Some("the gateway has no usable Convocore token for this region"),
-            ),
-            ApiError::Unavailable(issue) => ("service unavailable", Some(issue)),
             ApiError::Internal(_) => ("internal error", None),
         }
     }
@@ -247,6 +239,13 @@ mod tests {
         let resp = ApiError::Upstream(UpstreamError::Timeout).into_response();
         assert_eq!(resp.status(), 504);
         assert_eq!(body(resp).await["code"], "GATEWAY_TIMEOUT");
+
+        // The gateway's own faults are 500s that say nothing of their cause.
+        let resp = ApiError::Internal("the fetch task ended without an answer").into_response();
+        assert_eq!(resp.status(), 500);
+        let v = body(resp).await;
+        assert_eq!(v["code"], "INTERNAL_SERVER_ERROR");
+        assert!(!v.to_string().contains("fetch task"), "{v}");
     }
 
     #[test]

@@ -1,28 +1,31 @@
 //! convocore-gateway: a caching gateway in front of the Convocore V3 export API.
 //!
-//! `main`, the demo and the tests all start it the same way: build an [`App`] from a
+//! Module map: `config` → `state` (durable [`State`], per-config `Policy`) → `server`
+//! (listeners, drain, TLS) → `http` (route → verify → authorize → cache → upstream → respond,
+//! access line) over `auth`, `cache`, `upstream`; `admin`, `reload`, `metrics`, `log`,
+//! `error`, `domain`, `clock`, `watch`; `demo` and `testing` (the mock Convocore).
+//!
+//! `main`, the demo and the tests all start it the same way: build a [`State`] from a
 //! [`Config`], bind [`Listeners`], and call [`run`] with a shutdown future.
 
 pub mod admin;
-pub mod api;
-pub mod app;
 pub mod auth;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod domain;
 pub mod error;
-pub mod jwks;
-pub mod keys;
+pub mod http;
 pub mod log;
 pub mod metrics;
-pub mod mock;
-pub mod pool;
-pub mod route;
-pub mod routing;
+pub mod reload;
 pub mod server;
+pub mod state;
+pub mod testing;
 pub mod upstream;
 pub mod watch;
 
-pub use app::App;
 pub use config::{Config, ConfigError};
-pub use server::{run, Listeners};
+pub use server::{run, run_with, Limits, Listeners};
+pub use state::{Policy, State};

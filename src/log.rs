@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use tracing::field::{Field, Visit};
@@ -19,21 +19,40 @@ use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{filter, EnvFilter, Layer};
+use tracing_subscriber::{filter, reload, EnvFilter, Layer, Registry};
 
 use crate::config::LogFormat;
 
 /// The `tracing` target of the one-line-per-request access log.
 pub const ACCESS: &str = "access";
 
+/// Changes the level of the installed subscriber (a reload); `RUST_LOG`, when set, still wins.
+static SET_LEVEL: OnceLock<SetLevel> = OnceLock::new();
+
+type SetLevel = Box<dyn Fn(&str) + Send + Sync>;
+
+/// Sets the log level to `level` (a level or filter directive, validated by the config), unless
+/// `RUST_LOG` is set; nothing before [`init`].
+pub fn set_level(level: &str) {
+    if let Some(set) = SET_LEVEL.get() {
+        set(level);
+    }
+}
+
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `level`. Keep the guard
 /// alive until exit so buffered lines are flushed.
 pub fn init(format: LogFormat, level: &str) -> LogGuard {
     let (writer, guard) = BatchWriter::start(stdout_file());
+    let (filter, handle) = reload::Layer::new(env_filter(level));
+    let _ = SET_LEVEL.set(Box::new(move |level: &str| {
+        if rust_log().is_none() {
+            let _ = handle.reload(EnvFilter::new(level));
+        }
+    }));
     let result = match format {
-        LogFormat::Json => json_subscriber(env_filter(level), writer).try_init(),
+        LogFormat::Json => json_subscriber(filter, writer).try_init(),
         LogFormat::Text => tracing_subscriber::registry()
-            .with(env_filter(level))
+            .with(filter)
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_ansi(false)
@@ -49,8 +68,9 @@ pub fn init(format: LogFormat, level: &str) -> LogGuard {
 
 /// The JSON-mode subscriber: tracing-subscriber's JSON formatter for every line but the access
 /// line, which [`AccessJson`] writes. [`init`] installs it; the benchmarks build it over a sink.
-pub fn json_subscriber<W>(filter: EnvFilter, writer: W) -> impl Subscriber + Send + Sync
+pub fn json_subscriber<F, W>(filter: F, writer: W) -> impl Subscriber + Send + Sync
 where
+    F: Layer<Registry> + Send + Sync + 'static,
     W: for<'w> MakeWriter<'w> + Clone + Send + Sync + 'static,
 {
     tracing_subscriber::registry()
@@ -67,10 +87,15 @@ where
         .with(AccessJson { writer })
 }
 
-fn env_filter(level: &str) -> EnvFilter {
-    match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => EnvFilter::try_new(v).unwrap_or_else(|_| EnvFilter::new(level)),
-        _ => EnvFilter::new(level),
+fn rust_log() -> Option<String> {
+    std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty())
+}
+
+/// The filter for `level`, or `RUST_LOG` when it is set.
+pub fn env_filter(level: &str) -> EnvFilter {
+    match rust_log() {
+        Some(v) => EnvFilter::try_new(v).unwrap_or_else(|_| EnvFilter::new(level)),
+        None => EnvFilter::new(level),
     }
 }
 

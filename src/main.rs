@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use convocore_gateway::{server, App, Config, ConfigError, Listeners};
+use convocore_gateway::{reload, server, Config, ConfigError, Listeners, State};
 
 #[derive(Parser)]
 #[command(
@@ -117,8 +117,9 @@ fn tune_malloc() {}
 async fn run(path: &std::path::Path) -> Result<(), Failure> {
     let config = Config::load(path)?;
     let _log = convocore_gateway::log::init(config.log.format, &config.log.level);
-    let app = Arc::new(App::build(config)?);
-    let server = &app.config.server;
+    let state = State::build(config)?;
+    let policy = state.policy();
+    let server = &policy.config.server;
     let listeners = Listeners::bind(server.listen, server.admin_listen)
         .await
         .map_err(|e| {
@@ -134,15 +135,18 @@ async fn run(path: &std::path::Path) -> Result<(), Failure> {
         version = env!("CARGO_PKG_VERSION"),
         "convocore-gateway started"
     );
-    server::run(app.clone(), listeners, server::shutdown_signal())
+    // SIGHUP reloads the configuration (its default action would end the process).
+    tokio::spawn(reload::on_sighup(Arc::downgrade(&state)));
+    server::run(state, listeners, server::shutdown_signal())
         .await
         .map_err(|e| Failure::Other(e.to_string()))
 }
 
 fn check_config(path: &std::path::Path) -> Result<(), Failure> {
     let config = Config::load(path)?;
-    let app = App::build(config)?;
-    let c = &app.config;
+    let state = State::build(config)?;
+    let policy = state.policy();
+    let c = &policy.config;
     println!("{}: OK", path.display());
     println!(
         "  listen        {} (TLS: {})",
@@ -159,7 +163,7 @@ fn check_config(path: &std::path::Path) -> Result<(), Failure> {
         c.routing.discover,
         c.routing.agents.len()
     );
-    for key in app.auth.describe() {
+    for key in policy.auth.describe() {
         println!("  key           {key}");
     }
     if c.auth.issuers.is_empty() || c.auth.audiences.is_empty() {

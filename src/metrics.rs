@@ -14,6 +14,7 @@ use prometheus::{
 };
 
 use crate::cache::CacheStatus;
+use crate::upstream::RegionId;
 
 /// Request durations: cache hits take tens of microseconds, misses are bounded by the 30 s
 /// default `request_timeout`; the buckets are dense below a millisecond and reach 30 s.
@@ -45,20 +46,13 @@ pub const UPSTREAM_FAILURES: [&str; 2] = ["timeout", "error"];
 /// Upstream label slots per region: the status codes 100..=599, then the failures.
 const UPSTREAM_SLOTS: usize = 500 + UPSTREAM_FAILURES.len();
 
+/// The registry and every metric: made once, kept across reloads. The children that depend on
+/// one configuration's regions and teams are resolved by [`Metrics::resolve`] into a
+/// [`Resolved`] that the policy of that configuration holds.
 pub struct Metrics {
     registry: Registry,
-    /// `requests_total` children by (region or none, status 100..=599, cache), made on first
-    /// use: a label lookup hashes three strings under a lock, a slot is an index.
-    request_children: Vec<OnceLock<IntCounter>>,
-    region_labels: Vec<String>,
     duration_children: Vec<Histogram>,
     auth_children: Vec<IntCounter>,
-    /// `team_requests_total` children of the configured teams and `other`.
-    team_children: HashMap<String, IntCounter>,
-    /// `upstream_requests_total` children by (region, status 100..=599 or one of
-    /// [`UPSTREAM_FAILURES`]), made on first use, and `upstream_duration_seconds` by region.
-    upstream_children: Vec<OnceLock<IntCounter>>,
-    upstream_duration_children: Vec<Histogram>,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub team_requests: IntCounterVec,
@@ -71,11 +65,32 @@ pub struct Metrics {
     pub inflight: IntGauge,
     pub jwks_fetches: IntCounterVec,
     pub jwks_last_success: Gauge,
+    pub config_reloads: IntCounterVec,
+    pub config_last_reload_success: Gauge,
+}
+
+/// The children of one configuration's label sets, resolved up front or on first use, so that
+/// counting a request indexes a table instead of hashing label strings under a lock.
+pub struct Resolved {
+    requests: IntCounterVec,
+    team_requests: IntCounterVec,
+    upstream_requests: IntCounterVec,
+    duration_children: Vec<Histogram>,
+    /// `requests_total` children by (region or none, status 100..=599, cache), made on first
+    /// use.
+    request_children: Vec<OnceLock<IntCounter>>,
+    /// The configured regions, then `none`.
+    region_labels: Vec<String>,
+    /// `team_requests_total` children of the configured teams and `other`.
+    team_children: HashMap<String, IntCounter>,
+    /// `upstream_requests_total` children by (region, status 100..=599 or one of
+    /// [`UPSTREAM_FAILURES`]), made on first use, and `upstream_duration_seconds` by region.
+    upstream_children: Vec<OnceLock<IntCounter>>,
+    upstream_duration_children: Vec<Histogram>,
 }
 
 impl Metrics {
-    /// `regions` and `teams` (plus `other`) are the bounded label sets resolved up front.
-    pub fn new(regions: &[&str], teams: &[&str]) -> Result<Metrics, prometheus::Error> {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new(
@@ -158,6 +173,17 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "convocore_gateway_config_reloads_total",
+                "Configuration reloads (SIGHUP or a changed file) by result.",
+            ),
+            &["result"],
+        )?;
+        let config_last_reload_success = Gauge::new(
+            "convocore_gateway_config_last_reload_success_timestamp_seconds",
+            "Unix time the configuration in force was loaded (at start or by a reload).",
+        )?;
 
         // Children that exist from the start, so dashboards and alerts see zeros, not gaps.
         for reason in AUTH_REASONS {
@@ -165,11 +191,8 @@ impl Metrics {
         }
         for result in ["ok", "error"] {
             jwks_fetches.with_label_values(&[result]);
+            config_reloads.with_label_values(&[result]);
         }
-        let upstream_duration_children = regions
-            .iter()
-            .map(|region| upstream_duration.with_label_values(&[region]))
-            .collect();
 
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
@@ -184,14 +207,13 @@ impl Metrics {
         registry.register(Box::new(jwks_fetches.clone()))?;
         registry.register(Box::new(jwks_last_success.clone()))?;
         registry.register(Box::new(build_info))?;
+        registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(config_last_reload_success.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
 
-        let mut region_labels: Vec<String> = regions.iter().map(|r| r.to_string()).collect();
-        region_labels.push("none".to_string());
-        let slots = region_labels.len() * 500 * CACHE_LABELS.len();
         let duration_children = CACHE_LABELS
             .iter()
             .map(|c| request_duration.with_label_values(&[c]))
@@ -200,20 +222,8 @@ impl Metrics {
             .iter()
             .map(|r| auth_failures.with_label_values(&[r]))
             .collect();
-        let team_children = teams
-            .iter()
-            .chain(std::iter::once(&"other"))
-            .map(|t| (t.to_string(), team_requests.with_label_values(&[t])))
-            .collect();
         Ok(Metrics {
             registry,
-            team_children,
-            request_children: (0..slots).map(|_| OnceLock::new()).collect(),
-            upstream_children: (0..regions.len() * UPSTREAM_SLOTS)
-                .map(|_| OnceLock::new())
-                .collect(),
-            upstream_duration_children,
-            region_labels,
             duration_children,
             auth_children,
             requests,
@@ -228,19 +238,95 @@ impl Metrics {
             inflight,
             jwks_fetches,
             jwks_last_success,
+            config_reloads,
+            config_last_reload_success,
         })
     }
 
+    /// The children for one configuration: `regions` and `teams` (plus `other`) are its
+    /// bounded label sets.
+    pub fn resolve(&self, regions: &[&str], teams: &[&str]) -> Resolved {
+        let mut region_labels: Vec<String> = regions.iter().map(|r| r.to_string()).collect();
+        region_labels.push("none".to_string());
+        let slots = region_labels.len() * 500 * CACHE_LABELS.len();
+        Resolved {
+            requests: self.requests.clone(),
+            team_requests: self.team_requests.clone(),
+            upstream_requests: self.upstream_requests.clone(),
+            duration_children: self.duration_children.clone(),
+            request_children: (0..slots).map(|_| OnceLock::new()).collect(),
+            team_children: teams
+                .iter()
+                .chain(std::iter::once(&"other"))
+                .map(|t| (t.to_string(), self.team_requests.with_label_values(&[t])))
+                .collect(),
+            upstream_children: (0..regions.len() * UPSTREAM_SLOTS)
+                .map(|_| OnceLock::new())
+                .collect(),
+            upstream_duration_children: regions
+                .iter()
+                .map(|region| self.upstream_duration.with_label_values(&[region]))
+                .collect(),
+            region_labels,
+        }
+    }
+
+    /// Counts a refused caller; `reason` is one of [`AUTH_REASONS`].
+    pub fn auth_failure(&self, reason: &str) {
+        match AUTH_REASONS.iter().position(|r| *r == reason) {
+            Some(i) => self.auth_children[i].inc(),
+            None => self.auth_failures.with_label_values(&[reason]).inc(),
+        }
+    }
+
+    /// Counts a configuration reload, and stamps the time of a successful one.
+    pub fn config_loaded(&self, ok: bool) {
+        self.config_reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+        if ok {
+            self.config_last_reload_success.set(unix_now());
+        }
+    }
+
+    /// The JWKS fetch metrics, for the key sources.
+    pub fn jwks(&self) -> crate::auth::jwks::JwksMetrics {
+        crate::auth::jwks::JwksMetrics {
+            fetches: self.jwks_fetches.clone(),
+            last_success: self.jwks_last_success.clone(),
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+/// Seconds since the Unix epoch, for timestamp gauges.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl Resolved {
     /// Counts one finished request: `requests_total`, its duration, and its team.
     pub fn record_request(
         &self,
-        region: Option<usize>,
+        region: Option<RegionId>,
         status: http::StatusCode,
         cache: Option<CacheStatus>,
         elapsed: Duration,
         team: Option<&str>,
     ) {
         let region = region
+            .map(RegionId::index)
             .filter(|r| *r + 1 < self.region_labels.len())
             .unwrap_or(self.region_labels.len() - 1);
         let cache = match cache {
@@ -280,14 +366,15 @@ impl Metrics {
         }
     }
 
-    /// Counts one exchange with a region (an index into the configured regions): its HTTP
-    /// status, or a label of [`UPSTREAM_FAILURES`] when there was none.
+    /// Counts one exchange with a region: its HTTP status, or a label of
+    /// [`UPSTREAM_FAILURES`] when there was none.
     pub fn record_upstream(
         &self,
-        region: usize,
+        region: RegionId,
         status: Result<http::StatusCode, &'static str>,
         elapsed: Duration,
     ) {
+        let region = region.index();
         let Some(name) = self
             .region_labels
             .get(region)
@@ -321,31 +408,6 @@ impl Metrics {
             histogram.observe(elapsed.as_secs_f64());
         }
     }
-
-    /// Counts a refused caller; `reason` is one of [`AUTH_REASONS`].
-    pub fn auth_failure(&self, reason: &str) {
-        match AUTH_REASONS.iter().position(|r| *r == reason) {
-            Some(i) => self.auth_children[i].inc(),
-            None => self.auth_failures.with_label_values(&[reason]).inc(),
-        }
-    }
-
-    /// The JWKS fetch metrics, for the key sources.
-    pub fn jwks(&self) -> crate::jwks::JwksMetrics {
-        crate::jwks::JwksMetrics {
-            fetches: self.jwks_fetches.clone(),
-            last_success: self.jwks_last_success.clone(),
-        }
-    }
-
-    /// The text exposition format.
-    pub fn render(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16 * 1024);
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            tracing::warn!(error = %e, "cannot encode metrics");
-        }
-        out
-    }
 }
 
 /// Decrements the in-flight gauge when the request ends, however it ends.
@@ -371,15 +433,18 @@ mod tests {
 
     #[test]
     fn upstream_exchanges_are_counted_by_region_and_status() {
-        let m = Metrics::new(&["eu", "na"], &[]).unwrap();
+        let metrics = Metrics::new().unwrap();
+        let m = metrics.resolve(&["eu", "na"], &[]);
         let ms = Duration::from_millis(3);
-        m.record_upstream(0, Ok(http::StatusCode::OK), ms);
-        m.record_upstream(0, Ok(http::StatusCode::OK), ms);
-        m.record_upstream(1, Ok(http::StatusCode::NOT_FOUND), ms);
-        m.record_upstream(1, Err("timeout"), ms);
-        m.record_upstream(0, Err("error"), ms);
+        let (eu, na) = (RegionId::new(0), RegionId::new(1));
+        m.record_upstream(eu, Ok(http::StatusCode::OK), ms);
+        m.record_upstream(eu, Ok(http::StatusCode::OK), ms);
+        m.record_upstream(na, Ok(http::StatusCode::NOT_FOUND), ms);
+        m.record_upstream(na, Err("timeout"), ms);
+        m.record_upstream(eu, Err("error"), ms);
         // An index outside the configured regions is not a label value.
-        m.record_upstream(2, Ok(http::StatusCode::OK), ms);
+        m.record_upstream(RegionId::new(2), Ok(http::StatusCode::OK), ms);
+        let m = metrics;
         let text = String::from_utf8(m.render()).unwrap();
         for line in [
             r#"convocore_gateway_upstream_requests_total{region="eu",status="200"} 2"#,

@@ -1,60 +1,95 @@
-//! `App`: everything the request path shares, built once from a validated `Config`.
+//! What the request path shares, in two parts:
+//!
+//! - [`State`] outlives reloads: the metrics registry, the cache store with its fetches in
+//!   flight, the upstream pools, the JWKS fetchers, the verified-token cache, the learned
+//!   agent regions, readiness and request ids.
+//! - [`Policy`] is what one configuration builds: auth rules and keys, teams, regions and
+//!   routing, cache settings, TLS. It sits behind an `ArcSwap`; a request takes one snapshot
+//!   when it starts and keeps it to its end, and a reload swaps in a new one.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use http::HeaderValue;
 
-use crate::auth::Auth;
-use crate::cache::Cache;
+use crate::auth::jwks::Fetchers;
+use crate::auth::sources::Context;
+use crate::auth::{Auth, VerifiedTokens};
+use crate::cache::{self, Cache};
 use crate::config::{Config, ConfigError};
-use crate::metrics::Metrics;
-use crate::routing::Router;
-use crate::server::Tls;
-use crate::upstream::Upstream;
+use crate::metrics::{Metrics, Resolved};
+use crate::server::tls::Tls;
+use crate::upstream::routing::Learned;
+use crate::upstream::{Origins, Upstream};
 
-pub struct App {
+/// One configuration, built: everything a request decides by.
+pub struct Policy {
     pub config: Config,
+    /// Counts the configurations this process has built; tells cached verifications apart.
+    pub generation: u64,
     pub auth: Auth,
     pub upstream: Upstream,
-    pub router: Router,
-    pub cache: Cache,
-    pub metrics: Metrics,
+    pub cache: cache::Settings,
+    pub metrics: Resolved,
     pub tls: Option<Tls>,
-    shutting_down: AtomicBool,
-    ids: RequestIds,
 }
 
-impl App {
-    /// Loads every key, token and certificate the config names; file sources are followed
-    /// from then on, so this must run inside the tokio runtime.
-    pub fn build(config: Config) -> Result<App, ConfigError> {
-        let region_names: Vec<&str> = config.regions.keys().map(String::as_str).collect();
-        let team_names: Vec<&str> = config
-            .teams
-            .iter()
-            .flat_map(|t| t.keys().map(String::as_str))
-            .collect();
-        let metrics = Metrics::new(&region_names, &team_names)
+/// The durable half, built once.
+pub struct State {
+    pub metrics: Metrics,
+    pub cache: Cache,
+    policy: ArcSwap<Policy>,
+    parts: Parts,
+    shutting_down: AtomicBool,
+    ids: RequestIds,
+    /// Held while a reload builds and swaps, so two reloads never interleave.
+    pub(crate) reloading: tokio::sync::Mutex<()>,
+}
+
+impl State {
+    /// Builds the durable state and the first policy: loads every key, token and certificate
+    /// the config names (file sources are followed from then on, so this must run inside the
+    /// tokio runtime).
+    pub fn build(config: Config) -> Result<Arc<State>, ConfigError> {
+        let metrics = Metrics::new()
             .map_err(|e| ConfigError::new(&config.path, "-", format!("metrics: {e}")))?;
-        let upstream = Upstream::from_config(&config)?;
-        let auth = Auth::from_config(&config, upstream.connector(), &metrics.jwks())?;
-        let router = Router::new(&config, &upstream);
-        let cache = Cache::new(&config.cache);
-        let tls = match &config.server.tls {
-            Some(tls) => Some(Tls::from_config(&config, tls)?),
-            None => None,
+        let parts = Parts {
+            origins: Origins::default(),
+            fetchers: Fetchers::new(metrics.jwks()),
+            verified: Arc::new(VerifiedTokens::default()),
+            learned: Arc::new(Learned::default()),
+            generations: AtomicU64::new(0),
         };
-        Ok(App {
-            config,
-            auth,
-            upstream,
-            router,
-            cache,
+        let policy = parts.build_policy(config, &metrics)?;
+        metrics
+            .config_last_reload_success
+            .set(crate::metrics::unix_now());
+        Ok(Arc::new(State {
+            cache: Cache::new(&policy.cache),
             metrics,
-            tls,
+            policy: ArcSwap::from_pointee(policy),
+            parts,
             shutting_down: AtomicBool::new(false),
             ids: RequestIds::new(),
-        })
+            reloading: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// Builds a policy from a validated config, reusing the durable parts it names (pools,
+    /// JWKS fetchers) and reading every file it names now. Blocking file I/O.
+    pub fn build_policy(&self, config: Config) -> Result<Policy, ConfigError> {
+        self.parts.build_policy(config, &self.metrics)
+    }
+
+    /// The configuration in force now: a request keeps the one it started with.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Puts a new policy in force for the requests that start from now on.
+    pub(crate) fn install(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
     }
 
     /// `/readyz`: config, files and tokens are loaded by construction; every `jwks_url` must
@@ -67,7 +102,7 @@ impl App {
     pub fn not_ready_because(&self) -> Option<&'static str> {
         if self.shutting_down.load(Ordering::Relaxed) {
             Some("the gateway is shutting down")
-        } else if !self.auth.ready() {
+        } else if !self.policy.load().auth.ready() {
             Some("JWKS keys are not loaded yet, or the IdP has failed for longer than max_stale")
         } else {
             None
@@ -76,15 +111,6 @@ impl App {
 
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
-    }
-
-    /// A region's name (its metric label), by index.
-    pub fn region_name(&self, region: usize) -> &str {
-        self.upstream
-            .regions
-            .get(region)
-            .map(|r| r.name.as_str())
-            .unwrap_or("none")
     }
 
     /// The caller's `X-Request-Id` when it is 1 to 128 visible ASCII characters, else a new one.
@@ -96,6 +122,61 @@ impl App {
             }
         }
         self.ids.next()
+    }
+}
+
+/// The durable parts a policy is built with and shares with the next one.
+struct Parts {
+    origins: Origins,
+    fetchers: Fetchers,
+    verified: Arc<VerifiedTokens>,
+    learned: Arc<Learned>,
+    generations: AtomicU64,
+}
+
+impl Parts {
+    fn build_policy(&self, config: Config, metrics: &Metrics) -> Result<Policy, ConfigError> {
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        let up = &config.upstream;
+        let ca_file = up.ca_file.as_ref().map(|f| config.resolve(f));
+        let connector = self
+            .origins
+            .connector(ca_file.as_deref(), up.connect_timeout)
+            .map_err(|m| {
+                let key = if ca_file.is_some() {
+                    "upstream.ca_file"
+                } else {
+                    "upstream"
+                };
+                config.err(key, m)
+            })?;
+        let upstream =
+            Upstream::from_config(&config, &self.origins, &connector, self.learned.clone())?;
+        let cx = Context {
+            origins: &self.origins,
+            connector: &connector,
+            fetchers: &self.fetchers,
+        };
+        let auth = Auth::from_config(&config, &cx, self.verified.clone(), generation)?;
+        let tls = match &config.server.tls {
+            Some(tls) => Some(Tls::from_config(&config, tls)?),
+            None => None,
+        };
+        let teams: Vec<&str> = config
+            .teams
+            .iter()
+            .flat_map(|t| t.keys().map(String::as_str))
+            .collect();
+        let metrics = metrics.resolve(&upstream.regions.names(), &teams);
+        Ok(Policy {
+            cache: cache::Settings::from_config(&config.cache),
+            config,
+            generation,
+            auth,
+            upstream,
+            metrics,
+            tls,
+        })
     }
 }
 

@@ -134,7 +134,7 @@ async fn accepted(gw: &Gateway, path: &str, token: &str) -> Resp {
 }
 
 /// A config-level check: render `keys` into an otherwise valid config and load it the way the
-/// binary does (`Config::parse` then `App::build`); returns the start-up error.
+/// binary does (`Config::parse` then `State::build`); returns the start-up error.
 async fn startup_error(keys: &str) -> convocore_gateway::ConfigError {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("convocore-token");
@@ -154,7 +154,7 @@ async fn startup_error(keys: &str) -> convocore_gateway::ConfigError {
         Ok(c) => c,
         Err(e) => return e,
     };
-    match convocore_gateway::App::build(config) {
+    match convocore_gateway::State::build(config) {
         Ok(_) => panic!("expected a start-up error for keys:\n{keys}"),
         Err(e) => e,
     }

@@ -10,7 +10,7 @@ use common::*;
 use std::sync::Arc;
 use std::time::Duration;
 
-use convocore_gateway::mock::Faults;
+use convocore_gateway::testing::mock::Faults;
 use http::Method;
 use jsonwebtoken::Algorithm;
 use tokio::task::JoinSet;
@@ -292,7 +292,7 @@ async fn a_caller_that_goes_away_does_not_cancel_the_fetch() {
     assert!(
         eventually(
             ms(5000),
-            || async move { gwr.app.cache.usage().await.0 == 1 }
+            || async move { gwr.state.cache.usage().await.0 == 1 }
         )
         .await,
         "the abandoned fetch was not stored"
@@ -387,7 +387,7 @@ async fn assert_upstream_cache_control_not_stored(value: &str) {
     );
     assert_eq!(second.body, first.body);
     assert_eq!(gw.upstream_count(), 2, "{value}: both went upstream");
-    assert_eq!(gw.app.cache.usage().await.0, 0, "{value}: nothing stored");
+    assert_eq!(gw.state.cache.usage().await.0, 0, "{value}: nothing stored");
 }
 
 #[tokio::test]
@@ -965,7 +965,7 @@ async fn cache_stays_within_max_bytes() {
         "the test must overfill the cache: {total_body}"
     );
 
-    let (entries, bytes) = gw.app.cache.usage().await;
+    let (entries, bytes) = gw.state.cache.usage().await;
     assert!(bytes <= 1 << 20, "weighted bytes {bytes} over max_bytes");
     assert!(entries > 0, "something is cached");
     assert!(
@@ -995,7 +995,7 @@ async fn an_export_over_an_eighth_of_max_bytes_is_served_but_not_stored() {
         assert!(!cache_status(&r).contains("stored"), "{}", cache_status(&r));
         assert_eq!(gw.upstream_count(), n);
     }
-    assert_eq!(gw.app.cache.usage().await.0, 0);
+    assert_eq!(gw.state.cache.usage().await.0, 0);
 
     // A small export under the same settings is still cached.
     gw.eu.set_faults(Faults::default());
@@ -1011,7 +1011,7 @@ async fn an_export_over_an_eighth_of_max_bytes_is_served_but_not_stored() {
 #[tokio::test]
 async fn disabled_cache_sends_every_request_upstream() {
     let gw = Gateway::start_with(with_cache("enabled = false\n")).await;
-    assert!(!gw.app.cache.enabled());
+    assert!(!gw.state.cache.enabled());
     let t = token("billing");
     for n in 1..=2 {
         let r = gw.get(EXPORT_EU, &t).await;
@@ -1022,5 +1022,5 @@ async fn disabled_cache_sends_every_request_upstream() {
         assert!(!cache_status(&r).contains("stored"), "{}", cache_status(&r));
         assert_eq!(gw.upstream_count(), n);
     }
-    assert_eq!(gw.app.cache.usage().await, (0, 0));
+    assert_eq!(gw.state.cache.usage().await, (0, 0));
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use convocore_gateway::mock::{sample_csv, Faults, MockConvocore};
+use convocore_gateway::testing::mock::{sample_csv, Faults, MockConvocore};
 use http::{Method, Request, Version};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;

@@ -159,7 +159,7 @@ async fn serve_jwks(
     acceptor: tokio_rustls::TlsAcceptor,
     state: Arc<JwksState>,
 ) {
-    convocore_gateway::mock::serve_http(
+    convocore_gateway::testing::mock::serve_http(
         listener,
         Some(acceptor),
         move |req| answer_jwks(state.clone(), req),

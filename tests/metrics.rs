@@ -8,7 +8,7 @@ use common::*;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use convocore_gateway::mock::Faults;
+use convocore_gateway::testing::mock::Faults;
 use http::Method;
 use jsonwebtoken::Algorithm;
 
@@ -325,7 +325,7 @@ async fn every_outcome_is_counted_exactly() {
     assert_eq!(m.value("convocore_gateway_inflight_requests", &[]), 0.0);
     // c1 (json), c2, NA c1: three entries.
     assert_eq!(m.value("convocore_gateway_cache_entries", &[]), 3.0);
-    let (_, weighted) = gw.app.cache.usage().await;
+    let (_, weighted) = gw.state.cache.usage().await;
     assert_eq!(
         m.value("convocore_gateway_cache_bytes", &[]),
         weighted as f64

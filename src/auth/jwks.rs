@@ -8,9 +8,9 @@
 //! never refetching for a new `kid` (refetched), and refetching for every unknown `kid`
 //! (rate-limited, so a flood of made-up kids costs the IdP one request per interval).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::ACCEPT;
@@ -20,8 +20,8 @@ use jsonwebtoken::Algorithm;
 use prometheus::{Gauge, IntCounterVec};
 use tokio::time::Instant;
 
-use crate::keys::{parse_jwks, Key};
-use crate::pool::Origin;
+use super::keys::{parse_jwks, Key};
+use crate::upstream::pool::Origin;
 use crate::watch::Watched;
 
 /// An unknown `kid` triggers at most one early refetch per URL in this long.
@@ -42,14 +42,72 @@ pub struct JwksMetrics {
     pub last_success: Gauge,
 }
 
+/// The `jwks_url` fetchers, by URL and pinned algorithm: a reload that keeps a URL keeps its
+/// fetcher, its keys and its readiness (a new fetcher would not be ready until its first
+/// fetch); `refresh`, `max_stale` and the pool follow the new configuration. Held weakly, so
+/// a fetcher no configuration names stops with the last policy that did.
+pub struct Fetchers {
+    metrics: JwksMetrics,
+    map: Mutex<HashMap<FetcherKey, Weak<RemoteJwks>>>,
+}
+
+/// A fetcher's identity: its URL and the algorithm its keys are pinned to.
+type FetcherKey = (String, Option<Algorithm>);
+
+impl Fetchers {
+    pub fn new(metrics: JwksMetrics) -> Fetchers {
+        Fetchers {
+            metrics,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The running fetcher for `url`, reconfigured, or a new one (its first fetch starts now).
+    pub fn get_or_start(
+        &self,
+        url: Uri,
+        pinned: Option<Algorithm>,
+        origin: Arc<Origin>,
+        refresh: Duration,
+        max_stale: Duration,
+    ) -> Arc<RemoteJwks> {
+        let key = (url.to_string(), pinned);
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(jwks) = map.get(&key).and_then(Weak::upgrade) {
+            *jwks.settings() = Settings {
+                origin,
+                refresh,
+                max_stale,
+            };
+            return jwks;
+        }
+        let jwks = RemoteJwks::start(
+            url,
+            pinned,
+            origin,
+            refresh,
+            max_stale,
+            self.metrics.clone(),
+        );
+        map.retain(|_, w| w.strong_count() > 0);
+        map.insert(key, Arc::downgrade(&jwks));
+        jwks
+    }
+}
+
+/// What a reload may change of a running fetcher.
+struct Settings {
+    origin: Arc<Origin>,
+    refresh: Duration,
+    max_stale: Duration,
+}
+
 pub struct RemoteJwks {
     url: Uri,
     pinned: Option<Algorithm>,
-    origin: Origin,
     /// The last good key set (empty until the first fetch succeeds).
     pub keys: Arc<Watched<Vec<Key>>>,
-    refresh: Duration,
-    max_stale: Duration,
+    settings: Mutex<Settings>,
     metrics: JwksMetrics,
     state: Mutex<State>,
     /// Held while fetching: concurrent triggers wait for the fetch under way.
@@ -72,10 +130,10 @@ struct State {
 
 impl RemoteJwks {
     /// Starts following `url`: the first fetch begins at once, in the background.
-    pub fn start(
+    fn start(
         url: Uri,
         pinned: Option<Algorithm>,
-        origin: Origin,
+        origin: Arc<Origin>,
         refresh: Duration,
         max_stale: Duration,
         metrics: JwksMetrics,
@@ -83,10 +141,12 @@ impl RemoteJwks {
         let jwks = Arc::new(RemoteJwks {
             url,
             pinned,
-            origin,
             keys: Watched::fixed(Vec::new()),
-            refresh,
-            max_stale,
+            settings: Mutex::new(Settings {
+                origin,
+                refresh,
+                max_stale,
+            }),
             metrics,
             state: Mutex::new(State::default()),
             fetching: tokio::sync::Mutex::new(()),
@@ -105,13 +165,15 @@ impl RemoteJwks {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn settings(&self) -> std::sync::MutexGuard<'_, Settings> {
+        self.settings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether the keys may verify: fetched once, and not failing for longer than `max_stale`.
     pub fn usable(&self) -> bool {
+        let max_stale = self.settings().max_stale;
         let state = self.state();
-        state.last_success.is_some()
-            && state
-                .failing_since
-                .is_none_or(|t| t.elapsed() <= self.max_stale)
+        state.last_success.is_some() && state.failing_since.is_none_or(|t| t.elapsed() <= max_stale)
     }
 
     /// A token named a `kid` no key has: refetch now unless one was made for that reason in the
@@ -202,11 +264,7 @@ impl RemoteJwks {
 
     fn succeeded(&self) {
         self.metrics.fetches.with_label_values(&["ok"]).inc();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        self.metrics.last_success.set(now);
+        self.metrics.last_success.set(crate::metrics::unix_now());
     }
 
     async fn download(&self) -> Result<Bytes, String> {
@@ -219,8 +277,9 @@ impl RemoteJwks {
             )
             .body(Empty::<Bytes>::new())
             .map_err(|e| e.to_string())?;
+        let origin = self.settings().origin.clone();
         let exchange = async move {
-            let (response, conn) = self.origin.send(request).await.map_err(|e| {
+            let (response, conn) = origin.send(request).await.map_err(|e| {
                 let mut s = e.to_string();
                 if let Some(source) = std::error::Error::source(&e) {
                     s.push_str(": ");
@@ -235,7 +294,7 @@ impl RemoteJwks {
                 .collect()
                 .await
                 .map_err(|e| format!("body: {e}"))?;
-            self.origin.release(conn);
+            origin.release(conn);
             Ok(body.to_bytes())
         };
         tokio::time::timeout(FETCH_TIMEOUT, exchange)
@@ -262,13 +321,14 @@ async fn follow(jwks: Weak<RemoteJwks>) {
             let _fetching = jwks.fetching.lock().await;
             jwks.fetch_once().await
         };
+        let refresh = jwks.settings().refresh;
         delay = if ok {
             failures = 0;
-            jwks.refresh
+            refresh
         } else {
             failures = failures.saturating_add(1);
             let backoff = Duration::from_secs(1u64 << failures.min(6).saturating_sub(1));
-            backoff.min(MAX_RETRY).min(jwks.refresh)
+            backoff.min(MAX_RETRY).min(refresh)
         };
     }
 }

@@ -3,31 +3,8 @@
 
 use http::{Method, Uri};
 
-use crate::config::valid_id;
+use crate::domain::{valid_id, Export, Format};
 use crate::error::ApiError;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Format {
-    Json,
-    Csv,
-}
-
-impl Format {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Format::Json => "json",
-            Format::Csv => "csv",
-        }
-    }
-}
-
-/// A validated export request.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Export {
-    pub agent: String,
-    pub convo: String,
-    pub format: Format,
-}
 
 const PREFIX: &str = "/v3/agents/";
 const MIDDLE: &str = "/convos/";

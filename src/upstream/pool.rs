@@ -12,8 +12,9 @@
 //! preface together. A request that could not be written on a reused connection (the server
 //! closed it while idle) is retried once on a new one; nothing is retried once written.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::server::tls::client_config;
 use crate::watch::Watched;
 
 /// Idle HTTP/1.1 connections kept per origin.
@@ -45,6 +47,8 @@ pub type SharedError = Arc<dyn std::error::Error + Send + Sync>;
 pub struct Connector {
     pub tls: Arc<Watched<rustls::ClientConfig>>,
     pub connect_timeout: Duration,
+    /// The `ca_file` the TLS configuration follows, if any (part of a pool's identity).
+    ca_file: Option<PathBuf>,
 }
 
 /// A failed exchange.
@@ -198,7 +202,7 @@ impl Origin {
 
     fn lock(&self) -> MutexGuard<'_, Idle> {
         // The pool holds no invariant a panic could break halfway.
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.idle)
     }
 
     /// A live connection: the shared HTTP/2 one, the most recently used idle HTTP/1.1 one, or
@@ -290,31 +294,71 @@ where
     }))
 }
 
-/// The TLS client configuration: webpki's roots plus an optional PEM bundle (`upstream.ca_file`),
-/// ALPN h2 then http/1.1.
-pub fn tls_config(extra_ca: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(pem) = extra_ca {
-        let mut added = 0;
-        for cert in rustls_pemfile::certs(&mut &pem[..]) {
-            let cert = cert.map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("unusable CA certificate: {e}"))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err("no PEM certificate found".to_string());
-        }
+/// Every origin's pool and every TLS client configuration, shared by the policies that use
+/// them: a reload that keeps a region's URL, `ca_file` and `connect_timeout` keeps its pooled
+/// connections. Held weakly, so what no policy uses any more is dropped with it.
+#[derive(Default)]
+pub struct Origins {
+    tls: Mutex<HashMap<Option<PathBuf>, Weak<Watched<rustls::ClientConfig>>>>,
+    origins: Mutex<HashMap<OriginKey, Weak<Origin>>>,
+}
+
+/// A pool's identity: `scheme://authority`, the `ca_file` its TLS trusts, `connect_timeout`.
+type OriginKey = (String, Option<PathBuf>, Duration);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Origins {
+    /// The connector for `ca_file` (resolved; `None` for webpki's roots only): the one in use,
+    /// with its file looked at now, or a new one. Blocking file I/O.
+    pub fn connector(
+        &self,
+        ca_file: Option<&Path>,
+        connect_timeout: Duration,
+    ) -> Result<Connector, String> {
+        let key = ca_file.map(Path::to_path_buf);
+        let existing = lock(&self.tls).get(&key).and_then(Weak::upgrade);
+        let tls = match existing {
+            Some(tls) => {
+                tls.check_now()?;
+                tls
+            }
+            None => {
+                let tls = match ca_file {
+                    Some(path) => Watched::file(path, |pem| client_config(Some(pem)))?,
+                    None => Watched::fixed(client_config(None)?),
+                };
+                let mut map = lock(&self.tls);
+                map.retain(|_, w| w.strong_count() > 0);
+                map.insert(key.clone(), Arc::downgrade(&tls));
+                tls
+            }
+        };
+        Ok(Connector {
+            tls,
+            connect_timeout,
+            ca_file: key,
+        })
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| format!("TLS setup: {e}"))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+
+    /// The pool for `url`'s origin reached through `connector`: the one in use, or a new one.
+    pub fn origin(&self, url: &Uri, connector: &Connector) -> Result<Arc<Origin>, String> {
+        let scheme = url.scheme_str().unwrap_or("");
+        let authority = url.authority().map_or("", |a| a.as_str());
+        let key = (
+            format!("{scheme}://{authority}"),
+            connector.ca_file.clone(),
+            connector.connect_timeout,
+        );
+        let mut map = lock(&self.origins);
+        if let Some(origin) = map.get(&key).and_then(Weak::upgrade) {
+            return Ok(origin);
+        }
+        let origin = Arc::new(Origin::new(url, connector.clone())?);
+        map.retain(|_, w| w.strong_count() > 0);
+        map.insert(key, Arc::downgrade(&origin));
+        Ok(origin)
+    }
 }

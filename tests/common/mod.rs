@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use convocore_gateway::mock::MockConvocore;
-use convocore_gateway::{App, Config, Listeners};
+use convocore_gateway::testing::mock::MockConvocore;
+use convocore_gateway::{Config, ConfigError, Limits, Listeners, State};
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -60,6 +60,8 @@ pub struct TestConfig {
     pub na_region: String,
     /// Override the region URLs (e.g. a TLS mock): (eu, na).
     pub region_urls: Option<(String, String)>,
+    /// The listeners' header timeout (the contract's 10 s unless a test shortens it).
+    pub header_timeout: Option<Duration>,
 }
 
 impl Default for TestConfig {
@@ -77,6 +79,7 @@ impl Default for TestConfig {
             extra: String::new(),
             na_region: String::new(),
             region_urls: None,
+            header_timeout: None,
         }
     }
 }
@@ -211,7 +214,7 @@ pub struct Gateway {
     pub eu: MockConvocore,
     pub na: MockConvocore,
     pub dir: tempfile::TempDir,
-    pub app: Arc<App>,
+    pub state: Arc<State>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
@@ -253,24 +256,34 @@ impl Gateway {
         let text = config.render(&eu.base_url(), &na.base_url(), &token_file);
         let path = dir.path().join("config.toml");
         std::fs::write(&path, &text).unwrap();
+        let limits = Limits {
+            header_timeout: config
+                .header_timeout
+                .unwrap_or(Limits::default().header_timeout),
+        };
         let config = Config::load(&path).unwrap_or_else(|e| panic!("config: {e}\n{text}"));
-        let app = Arc::new(App::build(config).unwrap_or_else(|e| panic!("app: {e}")));
+        let state = State::build(config).unwrap_or_else(|e| panic!("state: {e}"));
         let listeners = Listeners::bind(([127, 0, 0, 1], 0).into(), ([127, 0, 0, 1], 0).into())
             .await
             .unwrap();
         let addr = listeners.api.local_addr().unwrap();
         let admin = listeners.admin.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(convocore_gateway::run(app.clone(), listeners, async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(convocore_gateway::run_with(
+            state.clone(),
+            listeners,
+            async move {
+                let _ = rx.await;
+            },
+            limits,
+        ));
         Gateway {
             addr,
             admin,
             eu,
             na,
             dir,
-            app,
+            state,
             shutdown: Some(tx),
             task: Some(task),
             client: Client::builder(TokioExecutor::new()).build_http(),
@@ -279,6 +292,29 @@ impl Gateway {
 
     pub fn token_file(&self) -> PathBuf {
         self.dir.path().join("convocore-token")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    /// Renders `config` against this gateway's mocks, as its config file would hold it.
+    pub fn render(&self, config: &TestConfig) -> String {
+        config.render(&self.eu.base_url(), &self.na.base_url(), &self.token_file())
+    }
+
+    /// Replaces the config file the way Kubernetes updates a mounted ConfigMap: the new text
+    /// is written beside it and renamed over it (a new inode).
+    pub fn replace_config(&self, text: &str) {
+        let path = self.config_path();
+        let next = self.dir.path().join("config.toml.next");
+        std::fs::write(&next, text).unwrap();
+        std::fs::rename(&next, &path).unwrap();
+    }
+
+    /// Reloads the config file now, as `SIGHUP` does.
+    pub async fn reload(&self) -> Result<(), ConfigError> {
+        convocore_gateway::reload::reload(&self.state, "test").await
     }
 
     /// Starts the graceful shutdown and returns the server task to await.

@@ -1,0 +1,123 @@
+//! Single flight: one upstream fetch per key at a time, whoever asks. The fetch runs in a task
+//! of its own (a caller that goes away does not cancel it for the others), stores what it got
+//! in the store current when it finishes, and answers every waiter through a watch channel.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http::StatusCode;
+use tokio::sync::{watch, Mutex};
+
+use super::freshness::{assess, Freshness, Windows};
+use super::store::Memory;
+use crate::clock;
+use crate::domain::Export;
+use crate::upstream::{Failed, Fetched};
+
+/// A flight's outcome: the response and whether it was stored.
+pub type FlightResult = Result<(Arc<Fetched>, bool), Failed>;
+
+pub enum Joined {
+    /// Wait on this flight; `true` when this caller started it.
+    Flight(watch::Receiver<Option<FlightResult>>, bool),
+    /// A fresh entry appeared meanwhile: it, its age and its freshness left.
+    Fresh(Arc<Fetched>, Duration, Duration),
+}
+
+/// Fetches in flight. An async mutex: a caller that finds no flight re-reads the store while
+/// holding it, so a flight that completes in between is never started twice.
+#[derive(Default)]
+pub struct Flights(Arc<Mutex<HashMap<Export, watch::Receiver<Option<FlightResult>>>>>);
+
+impl Flights {
+    /// Joins the fetch in flight for `key`, or starts one (then this caller leads). With
+    /// `recheck`, a fresh entry stored since the caller looked is returned instead.
+    pub async fn join_or_start<F, Fut>(
+        &self,
+        key: &Export,
+        fetch: F,
+        recheck: Option<&Windows>,
+        store: &Arc<ArcSwapOption<Memory>>,
+        purges: &Arc<AtomicU64>,
+    ) -> Joined
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
+    {
+        let mut flights = self.0.lock().await;
+        if let Some(rx) = flights.get(key) {
+            // A flight whose task ended without answering (it cannot, short of a panic) must
+            // not answer for the key forever: start a new one instead.
+            let abandoned = rx.has_changed().is_err() && rx.borrow().is_none();
+            if !abandoned {
+                return Joined::Flight(rx.clone(), false);
+            }
+        }
+        if let (Some(windows), Some(current)) = (recheck, store.load_full()) {
+            // A flight removes itself only after storing, so under this lock the store is
+            // current: what a just-finished flight stored is seen here.
+            if let Some(entry) = current.get(key).await {
+                if let Freshness::Fresh { age, ttl_left } =
+                    assess(entry.received, clock::now(), windows)
+                {
+                    return Joined::Fresh(entry, age, ttl_left);
+                }
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        flights.insert(key.clone(), rx.clone());
+        drop(flights);
+
+        let future = fetch();
+        let store = store.clone();
+        let flights = self.0.clone();
+        let purges = purges.clone();
+        let epoch = purges.load(Ordering::SeqCst);
+        let key = key.clone();
+        let task = async move {
+            let result = match future.await {
+                Ok(fetched) => {
+                    let fetched = Arc::new(fetched);
+                    let stored = keep(&store, &key, &fetched, &purges, epoch).await;
+                    Ok((fetched, stored))
+                }
+                Err(failed) => Err(failed),
+            };
+            flights.lock().await.remove(&key);
+            let _ = tx.send(Some(result));
+        };
+        tokio::spawn(task);
+        Joined::Flight(rx, true)
+    }
+}
+
+/// Stores a fetched `200` in the store in use now (a reload may have replaced the one the
+/// fetch began with), unless it may not be stored or a purge came since the fetch began.
+async fn keep(
+    store: &ArcSwapOption<Memory>,
+    key: &Export,
+    fetched: &Arc<Fetched>,
+    purges: &AtomicU64,
+    epoch: u64,
+) -> bool {
+    let Some(store) = store.load_full() else {
+        return false;
+    };
+    if fetched.status != StatusCode::OK
+        || !fetched.storable
+        || fetched.body.len() > store.max_entry_bytes()
+    {
+        return false;
+    }
+    store.insert(key.clone(), fetched.clone()).await;
+    // A purge since this fetch began must win over what it fetched.
+    if purges.load(Ordering::SeqCst) != epoch {
+        store.remove(key).await;
+        return false;
+    }
+    true
+}

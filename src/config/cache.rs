@@ -1,0 +1,45 @@
+//! `[cache]`: the export cache's size and freshness windows.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{size, Config, ConfigError};
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cache {
+    pub enabled: bool,
+    #[serde(deserialize_with = "size")]
+    pub max_bytes: u64,
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
+    #[serde(with = "humantime_serde")]
+    pub stale_while_revalidate: Duration,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache {
+            enabled: true,
+            max_bytes: 256 << 20,
+            ttl: Duration::from_secs(300),
+            stale_if_error: Duration::from_secs(3600),
+            stale_while_revalidate: Duration::ZERO,
+        }
+    }
+}
+
+impl Cache {
+    pub(super) fn validate(&self, c: &Config) -> Result<(), ConfigError> {
+        if self.enabled && self.max_bytes == 0 {
+            return Err(c.err("cache.max_bytes", "must be greater than 0"));
+        }
+        if self.enabled && self.ttl.is_zero() {
+            return Err(c.err("cache.ttl", "must be greater than 0"));
+        }
+        Ok(())
+    }
+}

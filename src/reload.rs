@@ -1,0 +1,127 @@
+//! Live reconfiguration: on `SIGHUP`, or when the config file changes (polled like every
+//! watched file, so a Kubernetes ConfigMap mounted as a directory applies without a restart).
+//!
+//! The new file is checked exactly as `check-config` checks it, and the new policy is built
+//! off the async threads, reading every file the config names. Invalid: nothing changes, the
+//! error (key and file) is logged and counted. Valid: the policy is swapped in for requests
+//! that start from then on, the cache is resized and loses the entries of removed regions,
+//! and the log level follows. Listen addresses wait for a restart. Nothing here touches a
+//! connection or readiness.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+
+use crate::config::{Config, ConfigError};
+use crate::state::{Policy, State};
+use crate::watch::{Stamp, POLL};
+
+/// Reloads the configuration file; `trigger` says why, for the log. On error nothing changes.
+pub async fn reload(state: &Arc<State>, trigger: &'static str) -> Result<(), ConfigError> {
+    let _one_at_a_time = state.reloading.lock().await;
+    let path = state.policy().config.path.clone();
+    let building = state.clone();
+    let shown = path.clone();
+    let built = tokio::task::spawn_blocking(move || {
+        let config = Config::load(&shown)?;
+        building.build_policy(config)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(ConfigError::new(
+            &path,
+            "-",
+            format!("the reload did not finish: {e}"),
+        ))
+    });
+    match built {
+        Ok(policy) => {
+            apply(state, policy).await;
+            state.metrics.config_loaded(true);
+            tracing::info!(trigger, file = %path.display(), "configuration reloaded");
+            Ok(())
+        }
+        Err(e) => {
+            state.metrics.config_loaded(false);
+            tracing::error!(
+                trigger,
+                file = %e.file,
+                key = %e.key,
+                error = %e.message,
+                "configuration reload refused; the running configuration stays"
+            );
+            Err(e)
+        }
+    }
+}
+
+async fn apply(state: &State, policy: Policy) {
+    let old = state.policy();
+    let (was, now) = (&old.config.server, &policy.config.server);
+    if was.listen != now.listen {
+        tracing::warn!(from = %was.listen, to = %now.listen, "server.listen changed; it takes effect at the next restart");
+    }
+    if was.admin_listen != now.admin_listen {
+        tracing::warn!(from = %was.admin_listen, to = %now.admin_listen, "server.admin_listen changed; it takes effect at the next restart");
+    }
+    let regions = &policy.upstream.regions;
+    state
+        .cache
+        .configure(&policy.cache, |entry| {
+            regions.by_name(entry.region.as_bytes()).is_some()
+        })
+        .await;
+    if old.config.log.level != policy.config.log.level {
+        crate::log::set_level(&policy.config.log.level);
+    }
+    state.install(policy);
+}
+
+/// Follows the config file: a change (a new inode through a `..data` swap, a new size or
+/// time) reloads it. Ends when the state is dropped.
+pub async fn follow_file(state: Weak<State>) {
+    let Some(path) = state.upgrade().map(|s| s.policy().config.path.clone()) else {
+        return;
+    };
+    let mut seen = stamp(path.clone()).await;
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = stamp(path.clone()).await;
+        // A file gone for a moment (a swap in progress) is not a change.
+        if now.is_none() || now == seen {
+            continue;
+        }
+        seen = now;
+        let Some(state) = state.upgrade() else { return };
+        let _ = reload(&state, "file").await;
+    }
+}
+
+async fn stamp(path: PathBuf) -> Option<Stamp> {
+    tokio::task::spawn_blocking(move || Stamp::of(&path).ok())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Reloads on every `SIGHUP` until the state is dropped. Installing the handler replaces the
+/// signal's default action (ending the process).
+#[cfg(unix)]
+pub async fn on_sighup(state: Weak<State>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload by changing the file");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        let Some(state) = state.upgrade() else { return };
+        let _ = reload(&state, "SIGHUP").await;
+    }
+}
+
+#[cfg(not(unix))]
+pub async fn on_sighup(_state: Weak<State>) {}

@@ -1,0 +1,135 @@
+//! One exchange with one region: `GET {base}/agents/{a}/convos/{c}/export?format=…` with the
+//! region's token, bounded by `request_timeout` body included, the body capped at
+//! `max_response_bytes` while it streams.
+//!
+//! The request is built from the parsed [`Export`], never by forwarding the caller's request,
+//! so no caller header can reach Convocore by accident.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, USER_AGENT};
+use http::{HeaderMap, Request};
+use http_body_util::{BodyExt, Empty};
+use tokio::time::Instant;
+
+use super::pool::PoolError;
+use super::region::Region;
+use super::{Fetched, UpstreamError, PASSED_HEADERS, X_REQUEST_ID};
+use crate::clock;
+use crate::domain::{Export, Format};
+
+/// The exchange's limits, from `[upstream]`.
+pub struct Limits {
+    pub request_timeout: Duration,
+    pub max_response_bytes: u64,
+}
+
+static USER_AGENT_VALUE: HeaderValue =
+    HeaderValue::from_static(concat!("convocore-gateway/", env!("CARGO_PKG_VERSION")));
+
+pub async fn exchange(
+    limits: &Limits,
+    region: &Region,
+    export: &Export,
+    request_id: &HeaderValue,
+) -> Result<Fetched, UpstreamError> {
+    let uri = format!(
+        "{}/agents/{}/convos/{}/export?format={}",
+        region.path,
+        export.agent,
+        export.convo,
+        export.format.as_str()
+    );
+    let accept = match export.format {
+        Format::Json => HeaderValue::from_static("application/json"),
+        Format::Csv => HeaderValue::from_static("text/csv, application/json;q=0.5"),
+    };
+    let request = Request::get(uri)
+        .header(AUTHORIZATION, region.authorization.get().as_ref().clone())
+        .header(ACCEPT, accept)
+        .header(&X_REQUEST_ID, request_id.clone())
+        .header(USER_AGENT, USER_AGENT_VALUE.clone())
+        .body(Empty::new())
+        .map_err(|e| UpstreamError::Protocol(Arc::new(e)))?;
+
+    let started = Instant::now();
+    let max = limits.max_response_bytes;
+    let origin = &region.origin;
+    let exchange = async move {
+        let (response, conn) = origin.send(request).await.map_err(|e| match e {
+            PoolError::Connect(e) => UpstreamError::Unreachable(e),
+            PoolError::Http(e) => UpstreamError::Protocol(Arc::new(e)),
+        })?;
+        let (parts, body) = response.into_parts();
+        let declared = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return Err(UpstreamError::TooLarge);
+        }
+        let limit = usize::try_from(max).unwrap_or(usize::MAX);
+        let body = read_body(body, limit, declared).await?;
+        origin.release(conn);
+        Ok((parts, body))
+    };
+    let (parts, body) = tokio::time::timeout(limits.request_timeout, exchange)
+        .await
+        .map_err(|_| UpstreamError::Timeout)??;
+
+    let mut headers = HeaderMap::with_capacity(PASSED_HEADERS.len());
+    for name in &PASSED_HEADERS {
+        if let Some(v) = parts.headers.get(name) {
+            headers.insert(name.clone(), v.clone());
+        }
+    }
+    let storable = !parts.headers.get_all(CACHE_CONTROL).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|d| {
+                let d = d.trim();
+                d.eq_ignore_ascii_case("no-store")
+                    || d.eq_ignore_ascii_case("private")
+                    || d.to_ascii_lowercase().starts_with("private=")
+            })
+        })
+    });
+    Ok(Fetched {
+        status: parts.status,
+        headers,
+        body,
+        storable,
+        elapsed: started.elapsed(),
+        received: clock::now(),
+        region: region.header.clone(),
+    })
+}
+
+/// Reads a whole body of at most `limit` bytes into one buffer of its own. With a declared
+/// length the buffer is allocated once at its final size, so a large export costs one
+/// allocation and one copy (collecting chunks and joining them would hold it twice), and a
+/// cached body never pins the connection's read buffer it arrived in.
+async fn read_body(
+    mut body: hyper::body::Incoming,
+    limit: usize,
+    declared: Option<u64>,
+) -> Result<Bytes, UpstreamError> {
+    let capacity = declared
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(0)
+        .min(limit);
+    let mut buf = bytes::BytesMut::with_capacity(capacity);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| UpstreamError::Protocol(Arc::new(e)))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        if buf.len() + data.len() > limit {
+            return Err(UpstreamError::TooLarge);
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(buf.freeze())
+}
