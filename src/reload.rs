@@ -17,15 +17,24 @@ use crate::watch::{Stamp, POLL};
 
 /// Reloads the configuration file; `trigger` says why, for the log. On error nothing changes.
 pub async fn reload(state: &Arc<State>, trigger: &'static str) -> Result<(), ConfigError> {
-    let _one_at_a_time = state.reloading.lock().await;
+    let mut loaded = state.reloading.lock().await;
     let path = state.policy().config.path.clone();
     let building = state.clone();
     let shown = path.clone();
     let built = tokio::task::spawn_blocking(move || {
-        let config = Config::load(&shown)?;
-        building.build_policy(config)
+        // The version about to be read: the file watcher will not load it again.
+        let stamp = Stamp::of(&shown).ok();
+        let config = Config::load(&shown);
+        (
+            stamp,
+            config.and_then(|config| building.build_policy(config)),
+        )
     })
     .await
+    .map(|(stamp, built)| {
+        *loaded = stamp;
+        built
+    })
     .unwrap_or_else(|e| {
         Err(ConfigError::new(
             &path,
@@ -76,24 +85,25 @@ async fn apply(state: &State, policy: Policy) {
     state.install(policy);
 }
 
-/// Follows the config file: a change (a new inode through a `..data` swap, a new size or
-/// time) reloads it. Ends when the state is dropped.
+/// Follows the config file: a version other than the one last loaded (a new inode through a
+/// `..data` swap, a new size or time) reloads it, unless a `SIGHUP` got there first. Ends
+/// when the state is dropped.
 pub async fn follow_file(state: Weak<State>) {
     let Some(path) = state.upgrade().map(|s| s.policy().config.path.clone()) else {
         return;
     };
-    let mut seen = stamp(path.clone()).await;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = stamp(path.clone()).await;
         // A file gone for a moment (a swap in progress) is not a change.
-        if now.is_none() || now == seen {
+        let Some(now) = stamp(path.clone()).await else {
+            continue;
+        };
+        let Some(state) = state.upgrade() else { return };
+        if *state.reloading.lock().await == Some(now) {
             continue;
         }
-        seen = now;
-        let Some(state) = state.upgrade() else { return };
         let _ = reload(&state, "file").await;
     }
 }

@@ -22,6 +22,7 @@ use crate::metrics::{Metrics, Resolved};
 use crate::server::tls::Tls;
 use crate::upstream::routing::Learned;
 use crate::upstream::{Origins, Upstream};
+use crate::watch::Stamp;
 
 /// One configuration, built: everything a request decides by.
 pub struct Policy {
@@ -43,8 +44,9 @@ pub struct State {
     parts: Parts,
     shutting_down: AtomicBool,
     ids: RequestIds,
-    /// Held while a reload builds and swaps, so two reloads never interleave.
-    pub(crate) reloading: tokio::sync::Mutex<()>,
+    /// Held while a reload builds and swaps, so two reloads never interleave; it holds the
+    /// version of the config file last read.
+    pub(crate) reloading: tokio::sync::Mutex<Option<Stamp>>,
 }
 
 impl State {
@@ -61,6 +63,8 @@ impl State {
             learned: Arc::new(Learned::default()),
             generations: AtomicU64::new(0),
         };
+        // The version of the file this config came from, for the file watcher.
+        let stamp = Stamp::of(&config.path).ok();
         let policy = parts.build_policy(config, &metrics)?;
         metrics
             .config_last_reload_success
@@ -72,7 +76,7 @@ impl State {
             parts,
             shutting_down: AtomicBool::new(false),
             ids: RequestIds::new(),
-            reloading: tokio::sync::Mutex::new(()),
+            reloading: tokio::sync::Mutex::new(stamp),
         }))
     }
 

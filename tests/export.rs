@@ -1100,20 +1100,24 @@ async fn admin_listener_is_http1_only() {
     );
 }
 
-/// The slowloris guard and the keep-alive idle limit: a client has 10 s from connecting to
-/// send a whole request head, and 10 s after each response for the next; then the gateway
+/// The slowloris guard and the keep-alive idle limit: a client has the header timeout (10 s;
+/// `T` here, where the harness shortens it so the test takes a second) from connecting to
+/// send a whole request head, and as long after each response for the next; then the gateway
 /// closes the connection. A request waiting on a slow upstream is not cut, and nothing of a
-/// half-sent request reaches Convocore.
+/// half-sent request reaches Convocore. Every duration below is the 10 s one scaled by T/10 s.
 #[tokio::test(flavor = "multi_thread")]
 async fn request_heads_have_10s_and_idle_keep_alive_connections_are_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const T: Duration = Duration::from_secs(1);
+    let scaled = |d: Duration| d.mul_f64(T.as_secs_f64() / 10.0);
     let gw = Gateway::start_with(TestConfig {
         upstream: "request_timeout = \"30s\"\n".into(),
+        header_timeout: Some(T),
         ..Default::default()
     })
     .await;
     gw.na.set_faults(Faults {
-        delay: Duration::from_secs(12),
+        delay: scaled(Duration::from_secs(12)),
         ..Default::default()
     });
     let auth = auth(&token("billing"));
@@ -1170,7 +1174,7 @@ async fn request_heads_have_10s_and_idle_keep_alive_connections_are_closed() {
         .unwrap();
     let trickle = async {
         for i in 0..30 {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(scaled(Duration::from_millis(500))).await;
             if slow
                 .write_all(format!("x-slow-{i}: 1\r\n").as_bytes())
                 .await
@@ -1180,13 +1184,13 @@ async fn request_heads_have_10s_and_idle_keep_alive_connections_are_closed() {
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(16), trickle).await;
+    let _ = tokio::time::timeout(scaled(Duration::from_secs(16)), trickle).await;
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the trickling connection is still open");
     let took = answered.elapsed();
     assert!(
-        took >= Duration::from_secs(9),
+        took >= scaled(Duration::from_secs(9)),
         "the trickling connection closed after {took:?}"
     );
 
@@ -1210,7 +1214,7 @@ async fn request_heads_have_10s_and_idle_keep_alive_connections_are_closed() {
         "{}",
         String::from_utf8_lossy(&buf[..n])
     );
-    assert!(started.elapsed() >= Duration::from_secs(12));
+    assert!(started.elapsed() >= scaled(Duration::from_secs(12)));
     // The HTTP/2 connection, idle for over 10 s, still serves.
     assert_eq!(h2_get(&mut h2).await.unwrap().status(), 200);
     assert_eq!(
