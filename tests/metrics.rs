@@ -437,6 +437,16 @@ async fn every_contract_metric_is_present_with_its_type_and_labels() {
             &[][..],
         ),
         ("convocore_gateway_build_info", "gauge", &["version"][..]),
+        (
+            "convocore_gateway_config_reloads_total",
+            "counter",
+            &["result"][..],
+        ),
+        (
+            "convocore_gateway_config_last_reload_success_timestamp_seconds",
+            "gauge",
+            &[][..],
+        ),
     ] {
         assert_eq!(
             m.types.get(name).map(String::as_str),
@@ -457,6 +467,28 @@ async fn every_contract_metric_is_present_with_its_type_and_labels() {
             assert_eq!(keys, want, "labels of {name}");
         }
     }
+    // Both reload results exist from the start; the configuration in force was loaded at start.
+    for result in ["ok", "error"] {
+        assert_eq!(
+            m.value(
+                "convocore_gateway_config_reloads_total",
+                &[("result", result)]
+            ),
+            0.0
+        );
+    }
+    let loaded = m.value(
+        "convocore_gateway_config_last_reload_success_timestamp_seconds",
+        &[],
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        loaded > now - 60.0 && loaded <= now + 1.0,
+        "{loaded} vs {now}"
+    );
     // Process metrics, where the platform has them.
     if cfg!(target_os = "linux") {
         assert!(
