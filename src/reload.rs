@@ -8,8 +8,9 @@
 //! and the log level follows. Listen addresses wait for a restart. Nothing here touches a
 //! connection or readiness.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use crate::config::{Config, ConfigError};
 use crate::state::{Policy, State};
@@ -42,6 +43,10 @@ pub async fn reload(state: &Arc<State>, trigger: &'static str) -> Result<(), Con
             format!("the reload did not finish: {e}"),
         ))
     });
+    let built = match built {
+        Ok(policy) => warm(policy, &path).await,
+        Err(e) => Err(e),
+    };
     match built {
         Ok(policy) => {
             apply(state, policy).await;
@@ -61,6 +66,28 @@ pub async fn reload(state: &Arc<State>, trigger: &'static str) -> Result<(), Con
             Err(e)
         }
     }
+}
+
+/// How long a new configuration may take to become ready (a `jwks_url` it adds fetched).
+const WARM_UP: Duration = Duration::from_secs(10);
+
+/// Waits until the new policy could answer: every `jwks_url` it names has keys (a URL the
+/// running configuration already follows has them already). A policy that does not get there
+/// is refused, so that a reload never turns `/readyz` to 503, as Envoy warms a cluster
+/// before using it.
+async fn warm(policy: Policy, path: &Path) -> Result<Policy, ConfigError> {
+    let deadline = tokio::time::Instant::now() + WARM_UP;
+    while !policy.auth.ready() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ConfigError::new(
+                path,
+                "auth.keys",
+                "a jwks_url of the new configuration could not be fetched; nothing changed",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(policy)
 }
 
 async fn apply(state: &State, policy: Policy) {

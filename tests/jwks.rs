@@ -1262,3 +1262,58 @@ fn jwks_url_config_is_validated() {
         assert_eq!(config.auth.keys.len(), 1);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reloads
+// ---------------------------------------------------------------------------------------------
+
+/// A reload that adds a `jwks_url` puts the new configuration in force only once its keys are
+/// fetched, so `/readyz` never blinks; a reload that keeps the URL keeps its fetcher (no new
+/// fetch, its keys verify at once).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_warms_a_new_jwks_url_and_keeps_a_known_one() {
+    let idp = JwksServer::start(&fixture_jwks()).await;
+    idp.set_delay(Duration::from_millis(600));
+    let mut config = TestConfig {
+        keys: "[[auth.keys]]\nkid = \"ec-1\"\nalgorithm = \"ES256\"\npublic_key_file = \"{fixtures}/ec256_public.pem\"\n".into(),
+        upstream: idp.upstream(),
+        ..TestConfig::default()
+    };
+    let gw = Arc::new(Gateway::start_with(config.clone()).await);
+    gw.get(EXPORT_EU, &rsa1_token())
+        .await
+        .assert_error(401, "UNAUTHORIZED");
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probes = {
+        let (gw, done) = (gw.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !done.load(Ordering::Relaxed) {
+                let r = gw.admin(Method::GET, "/readyz", &[]).await;
+                assert_eq!(r.status, 200, "/readyz blinked: {}", r.text());
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            n
+        })
+    };
+
+    config.keys = idp.config("1h", "1h").keys;
+    gw.replace_config(&gw.render(&config));
+    gw.reload().await.unwrap();
+    assert_eq!(idp.requests(), 1, "the new URL was fetched before the swap");
+    assert_200(
+        &gw.get(EXPORT_EU, &rsa1_token()).await,
+        "a JWKS key after the reload",
+    );
+
+    // The same URL again (another setting changes): the fetcher and its keys are kept.
+    config.teams = "[teams]\nbilling = { agents = [\"*\"] }\n".into();
+    gw.replace_config(&gw.render(&config));
+    gw.reload().await.unwrap();
+    assert_200(&gw.get(EXPORT_EU, &rsa1_token()).await, "the kept keys");
+    assert_eq!(idp.requests(), 1, "no new fetch for a URL already followed");
+
+    done.store(true, Ordering::Relaxed);
+    assert!(probes.await.unwrap() > 10);
+}
