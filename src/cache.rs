@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use http::header::{HeaderValue, CACHE_CONTROL};
+use http::header::CACHE_CONTROL;
 use http::{HeaderMap, StatusCode};
 
 use self::flight::{Flights, Joined};
@@ -26,37 +26,9 @@ use self::freshness::{assess, Freshness, Windows};
 use self::store::Memory;
 use crate::clock;
 use crate::config;
+pub use crate::domain::CacheStatus;
 use crate::domain::Export;
 use crate::upstream::{Failed, Fault, Fetched};
-
-/// `X-Cache`, and the `cache` label of the request metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheStatus {
-    Hit,
-    Miss,
-    Stale,
-    Bypass,
-}
-
-impl CacheStatus {
-    pub fn header(self) -> HeaderValue {
-        HeaderValue::from_static(match self {
-            CacheStatus::Hit => "HIT",
-            CacheStatus::Miss => "MISS",
-            CacheStatus::Stale => "STALE",
-            CacheStatus::Bypass => "BYPASS",
-        })
-    }
-
-    pub fn label(self) -> &'static str {
-        match self {
-            CacheStatus::Hit => "hit",
-            CacheStatus::Miss => "miss",
-            CacheStatus::Stale => "stale",
-            CacheStatus::Bypass => "bypass",
-        }
-    }
-}
 
 /// What the caller's `Cache-Control` asks of the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -441,6 +413,7 @@ mod tests {
     use std::time::Duration;
 
     use crate::upstream::UpstreamError;
+    use http::HeaderValue;
 
     fn cc(v: &str) -> HeaderMap {
         let mut h = HeaderMap::new();

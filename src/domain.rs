@@ -1,6 +1,8 @@
 //! The gateway's nouns, shared by every layer and depending on none: the export a caller asks
-//! for and its format. The route parses one, the cache keys by it, the upstream request is
-//! built from it.
+//! for and its format (the route parses one, the cache keys by it, the upstream request is
+//! built from it), a region's id, and how the cache answered.
+
+use http::HeaderValue;
 
 /// The export's format (`?format=json|csv`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -26,6 +28,51 @@ pub struct Export {
     pub agent: String,
     pub convo: String,
     pub format: Format,
+}
+
+/// A region of one policy: an index into its `upstream::Regions`, meaningful only with that policy
+/// (a reload may add, remove or reorder regions). What outlives a policy, such as a cache
+/// entry or a learned agent, names its region instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RegionId(u16);
+
+impl RegionId {
+    pub fn new(index: u16) -> RegionId {
+        RegionId(index)
+    }
+
+    pub fn index(self) -> usize {
+        usize::from(self.0)
+    }
+}
+
+/// `X-Cache`, and the `cache` label of the request metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    Miss,
+    Stale,
+    Bypass,
+}
+
+impl CacheStatus {
+    pub fn header(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Stale => "STALE",
+            CacheStatus::Bypass => "BYPASS",
+        })
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Stale => "stale",
+            CacheStatus::Bypass => "bypass",
+        }
+    }
 }
 
 /// Ids of agents and conversations: 1 to 128 characters of `A-Z a-z 0-9 _ -`.

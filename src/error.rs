@@ -10,6 +10,7 @@ use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
+use crate::metrics::AuthReason;
 use crate::upstream::UpstreamError;
 
 /// Why a caller's JWT was refused; the names are the `reason` label of
@@ -28,16 +29,16 @@ pub enum AuthFailure {
 
 impl AuthFailure {
     /// The metric label.
-    pub fn reason(self) -> &'static str {
+    pub fn reason(self) -> AuthReason {
         match self {
-            AuthFailure::Missing => "missing",
-            AuthFailure::Malformed(_) => "malformed",
-            AuthFailure::BadSignature => "bad_signature",
-            AuthFailure::Expired => "expired",
-            AuthFailure::NotYetValid => "not_yet_valid",
-            AuthFailure::Issuer => "issuer",
-            AuthFailure::Audience => "audience",
-            AuthFailure::UnknownKey => "unknown_key",
+            AuthFailure::Missing => AuthReason::Missing,
+            AuthFailure::Malformed(_) => AuthReason::Malformed,
+            AuthFailure::BadSignature => AuthReason::BadSignature,
+            AuthFailure::Expired => AuthReason::Expired,
+            AuthFailure::NotYetValid => AuthReason::NotYetValid,
+            AuthFailure::Issuer => AuthReason::Issuer,
+            AuthFailure::Audience => AuthReason::Audience,
+            AuthFailure::UnknownKey => AuthReason::UnknownKey,
         }
     }
 
@@ -77,7 +78,7 @@ pub enum ApiError {
     /// The method is not allowed on this path; the value is the `Allow` header.
     #[error("method not supported")]
     MethodNotSupported(&'static str),
-    #[error("unauthorized: {}", .0.reason())]
+    #[error("unauthorized: {}", .0.reason().label())]
     Unauthorized(AuthFailure),
     #[error("forbidden")]
     Forbidden(String),

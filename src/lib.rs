@@ -1,9 +1,10 @@
 //! convocore-gateway: a caching gateway in front of the Convocore V3 export API.
 //!
 //! Module map: `config` → `state` (durable [`State`], per-config `Policy`) → `server`
-//! (listeners, drain, TLS) → `http` (route → verify → authorize → cache → upstream → respond,
-//! access line) over `auth`, `cache`, `upstream`; `admin`, `reload`, `metrics`, `log`,
-//! `error`, `domain`, `clock`, `watch`; `demo` and `testing` (the mock Convocore).
+//! (listeners, drain) → `http` (route → verify → authorize → cache → upstream → respond,
+//! access line) over `auth`, `cache`, `upstream`; `admin`, `reload`, `tls`, `metrics`, `log`,
+//! `error`, `domain`, `clock`, `watch`; `demo` and `testing` (the mock Convocore). No cycles:
+//! `domain` and `metrics` depend on nothing of the crate's but `domain`.
 //!
 //! `main`, the demo and the tests all start it the same way: build a [`State`] from a
 //! [`Config`], bind [`Listeners`], and call [`run`] with a shutdown future.
@@ -23,6 +24,7 @@ pub mod reload;
 pub mod server;
 pub mod state;
 pub mod testing;
+pub mod tls;
 pub mod upstream;
 pub mod watch;
 

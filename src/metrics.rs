@@ -13,8 +13,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::cache::CacheStatus;
-use crate::upstream::RegionId;
+use crate::domain::{CacheStatus, RegionId};
 
 /// Request durations: cache hits take tens of microseconds, misses are bounded by the 30 s
 /// default `request_timeout`; the buckets are dense below a millisecond and reach 30 s.
@@ -27,24 +26,84 @@ const UPSTREAM_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-pub const AUTH_REASONS: [&str; 9] = [
-    "missing",
-    "malformed",
-    "bad_signature",
-    "expired",
-    "not_yet_valid",
-    "issuer",
-    "audience",
-    "unknown_key",
-    "forbidden",
-];
+/// The `reason` label of `auth_failures_total`: why a caller was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthReason {
+    Missing,
+    Malformed,
+    BadSignature,
+    Expired,
+    NotYetValid,
+    Issuer,
+    Audience,
+    UnknownKey,
+    Forbidden,
+}
 
-/// Request outcomes that label the hot counters, resolved once: `cache` label by index.
-const CACHE_LABELS: [&str; 5] = ["hit", "miss", "stale", "bypass", "none"];
-/// The `status` of an upstream exchange that got no HTTP status.
-pub const UPSTREAM_FAILURES: [&str; 2] = ["timeout", "error"];
-/// Upstream label slots per region: the status codes 100..=599, then the failures.
-const UPSTREAM_SLOTS: usize = 500 + UPSTREAM_FAILURES.len();
+impl AuthReason {
+    pub const ALL: [AuthReason; 9] = [
+        AuthReason::Missing,
+        AuthReason::Malformed,
+        AuthReason::BadSignature,
+        AuthReason::Expired,
+        AuthReason::NotYetValid,
+        AuthReason::Issuer,
+        AuthReason::Audience,
+        AuthReason::UnknownKey,
+        AuthReason::Forbidden,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthReason::Missing => "missing",
+            AuthReason::Malformed => "malformed",
+            AuthReason::BadSignature => "bad_signature",
+            AuthReason::Expired => "expired",
+            AuthReason::NotYetValid => "not_yet_valid",
+            AuthReason::Issuer => "issuer",
+            AuthReason::Audience => "audience",
+            AuthReason::UnknownKey => "unknown_key",
+            AuthReason::Forbidden => "forbidden",
+        }
+    }
+}
+
+/// The `cache` label of the request metrics: a [`CacheStatus`], or `none` for a request that
+/// never reached the cache.
+fn cache_slot(cache: Option<CacheStatus>) -> usize {
+    match cache {
+        Some(CacheStatus::Hit) => 0,
+        Some(CacheStatus::Miss) => 1,
+        Some(CacheStatus::Stale) => 2,
+        Some(CacheStatus::Bypass) => 3,
+        None => 4,
+    }
+}
+
+const CACHE_SLOTS: usize = 5;
+
+fn cache_label(slot: usize) -> &'static str {
+    ["hit", "miss", "stale", "bypass", "none"][slot.min(CACHE_SLOTS - 1)]
+}
+
+/// The `status` label of an upstream exchange that got no HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    Timeout,
+    Error,
+}
+
+impl UpstreamFailure {
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamFailure::Timeout => "timeout",
+            UpstreamFailure::Error => "error",
+        }
+    }
+}
+
+/// Upstream label slots per region: the status codes 100..=599, then the two failures.
+const UPSTREAM_SLOTS: usize = 500 + 2;
 
 /// The registry and every metric: made once, kept across reloads. The children that depend on
 /// one configuration's regions and teams are resolved by [`Metrics::resolve`] into a
@@ -83,8 +142,8 @@ pub struct Resolved {
     region_labels: Vec<String>,
     /// `team_requests_total` children of the configured teams and `other`.
     team_children: HashMap<String, IntCounter>,
-    /// `upstream_requests_total` children by (region, status 100..=599 or one of
-    /// [`UPSTREAM_FAILURES`]), made on first use, and `upstream_duration_seconds` by region.
+    /// `upstream_requests_total` children by (region, status 100..=599 or an
+    /// [`UpstreamFailure`]), made on first use, and `upstream_duration_seconds` by region.
     upstream_children: Vec<OnceLock<IntCounter>>,
     upstream_duration_children: Vec<Histogram>,
 }
@@ -186,8 +245,8 @@ impl Metrics {
         )?;
 
         // Children that exist from the start, so dashboards and alerts see zeros, not gaps.
-        for reason in AUTH_REASONS {
-            auth_failures.with_label_values(&[reason]);
+        for reason in AuthReason::ALL {
+            auth_failures.with_label_values(&[reason.label()]);
         }
         for result in ["ok", "error"] {
             jwks_fetches.with_label_values(&[result]);
@@ -214,13 +273,12 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
 
-        let duration_children = CACHE_LABELS
-            .iter()
-            .map(|c| request_duration.with_label_values(&[c]))
+        let duration_children = (0..CACHE_SLOTS)
+            .map(|c| request_duration.with_label_values(&[cache_label(c)]))
             .collect();
-        let auth_children = AUTH_REASONS
+        let auth_children = AuthReason::ALL
             .iter()
-            .map(|r| auth_failures.with_label_values(&[r]))
+            .map(|r| auth_failures.with_label_values(&[r.label()]))
             .collect();
         Ok(Metrics {
             registry,
@@ -248,7 +306,7 @@ impl Metrics {
     pub fn resolve(&self, regions: &[&str], teams: &[&str]) -> Resolved {
         let mut region_labels: Vec<String> = regions.iter().map(|r| r.to_string()).collect();
         region_labels.push("none".to_string());
-        let slots = region_labels.len() * 500 * CACHE_LABELS.len();
+        let slots = region_labels.len() * 500 * CACHE_SLOTS;
         Resolved {
             requests: self.requests.clone(),
             team_requests: self.team_requests.clone(),
@@ -271,11 +329,14 @@ impl Metrics {
         }
     }
 
-    /// Counts a refused caller; `reason` is one of [`AUTH_REASONS`].
-    pub fn auth_failure(&self, reason: &str) {
-        match AUTH_REASONS.iter().position(|r| *r == reason) {
-            Some(i) => self.auth_children[i].inc(),
-            None => self.auth_failures.with_label_values(&[reason]).inc(),
+    /// Counts a refused caller.
+    pub fn auth_failure(&self, reason: AuthReason) {
+        match self.auth_children.get(reason as usize) {
+            Some(counter) => counter.inc(),
+            None => self
+                .auth_failures
+                .with_label_values(&[reason.label()])
+                .inc(),
         }
     }
 
@@ -290,8 +351,8 @@ impl Metrics {
     }
 
     /// The JWKS fetch metrics, for the key sources.
-    pub fn jwks(&self) -> crate::auth::jwks::JwksMetrics {
-        crate::auth::jwks::JwksMetrics {
+    pub fn jwks(&self) -> JwksMetrics {
+        JwksMetrics {
             fetches: self.jwks_fetches.clone(),
             last_success: self.jwks_last_success.clone(),
         }
@@ -329,22 +390,16 @@ impl Resolved {
             .map(RegionId::index)
             .filter(|r| *r + 1 < self.region_labels.len())
             .unwrap_or(self.region_labels.len() - 1);
-        let cache = match cache {
-            Some(CacheStatus::Hit) => 0,
-            Some(CacheStatus::Miss) => 1,
-            Some(CacheStatus::Stale) => 2,
-            Some(CacheStatus::Bypass) => 3,
-            None => 4,
-        };
+        let cache = cache_slot(cache);
         let code = usize::from(status.as_u16().clamp(100, 599) - 100);
-        let slot = (region * 500 + code) * CACHE_LABELS.len() + cache;
+        let slot = (region * 500 + code) * CACHE_SLOTS + cache;
         match self.request_children.get(slot) {
             Some(cell) => cell
                 .get_or_init(|| {
                     self.requests.with_label_values(&[
                         &self.region_labels[region],
                         status.as_str(),
-                        CACHE_LABELS[cache],
+                        cache_label(cache),
                     ])
                 })
                 .inc(),
@@ -353,7 +408,7 @@ impl Resolved {
                 .with_label_values(&[
                     &self.region_labels[region],
                     status.as_str(),
-                    CACHE_LABELS[cache],
+                    cache_label(cache),
                 ])
                 .inc(),
         }
@@ -366,12 +421,11 @@ impl Resolved {
         }
     }
 
-    /// Counts one exchange with a region: its HTTP status, or a label of
-    /// [`UPSTREAM_FAILURES`] when there was none.
+    /// Counts one exchange with a region: its HTTP status, or the failure when there was none.
     pub fn record_upstream(
         &self,
         region: RegionId,
-        status: Result<http::StatusCode, &'static str>,
+        status: Result<http::StatusCode, UpstreamFailure>,
         elapsed: Duration,
     ) {
         let region = region.index();
@@ -387,10 +441,7 @@ impl Resolved {
                 usize::from(code.as_u16().clamp(100, 599) - 100),
                 code.as_str(),
             ),
-            Err(failure) => match UPSTREAM_FAILURES.iter().position(|f| f == failure) {
-                Some(i) => (500 + i, *failure),
-                None => (usize::MAX, *failure),
-            },
+            Err(failure) => (500 + *failure as usize, failure.label()),
         };
         let child = || {
             self.upstream_requests
@@ -408,6 +459,13 @@ impl Resolved {
             histogram.observe(elapsed.as_secs_f64());
         }
     }
+}
+
+/// The JWKS metrics, shared by every URL.
+#[derive(Clone)]
+pub struct JwksMetrics {
+    pub fetches: IntCounterVec,
+    pub last_success: Gauge,
 }
 
 /// Decrements the in-flight gauge when the request ends, however it ends.
@@ -440,8 +498,8 @@ mod tests {
         m.record_upstream(eu, Ok(http::StatusCode::OK), ms);
         m.record_upstream(eu, Ok(http::StatusCode::OK), ms);
         m.record_upstream(na, Ok(http::StatusCode::NOT_FOUND), ms);
-        m.record_upstream(na, Err("timeout"), ms);
-        m.record_upstream(eu, Err("error"), ms);
+        m.record_upstream(na, Err(UpstreamFailure::Timeout), ms);
+        m.record_upstream(eu, Err(UpstreamFailure::Error), ms);
         // An index outside the configured regions is not a label value.
         m.record_upstream(RegionId::new(2), Ok(http::StatusCode::OK), ms);
         let m = metrics;

@@ -4,7 +4,6 @@
 //! While it runs, the config file is followed and reloaded ([`crate::reload`]).
 
 pub mod connections;
-pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -19,7 +19,7 @@ use crate::auth::{Auth, VerifiedTokens};
 use crate::cache::{self, Cache};
 use crate::config::{Config, ConfigError};
 use crate::metrics::{Metrics, Resolved};
-use crate::server::tls::Tls;
+use crate::tls::Tls;
 use crate::upstream::routing::Learned;
 use crate::upstream::{Origins, Upstream};
 use crate::watch::Stamp;

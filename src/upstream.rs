@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::clock::UnixMillis;
 use crate::config::{Config, ConfigError};
 use crate::domain::Export;
-use crate::metrics::Resolved;
+use crate::metrics::{Resolved, UpstreamFailure};
 
 pub use self::pool::{Connector, Origins, SharedError};
 pub use self::region::{Region, RegionId, Regions};
@@ -49,10 +49,10 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     /// The `status` label of `convocore_gateway_upstream_requests_total` for a failed exchange.
-    pub fn label(&self) -> &'static str {
+    pub fn failure(&self) -> UpstreamFailure {
         match self {
-            UpstreamError::Timeout => "timeout",
-            _ => "error",
+            UpstreamError::Timeout => UpstreamFailure::Timeout,
+            _ => UpstreamFailure::Error,
         }
     }
 }
@@ -162,7 +162,7 @@ impl Upstream {
         let result = client::exchange(&self.limits, region, export, request_id).await;
         let status = match &result {
             Ok(f) => Ok(f.status),
-            Err(e) => Err(e.label()),
+            Err(e) => Err(e.failure()),
         };
         metrics.record_upstream(id, status, started.elapsed());
         result.map_err(|error| Failed {

@@ -17,10 +17,10 @@ use http::header::ACCEPT;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
 use jsonwebtoken::Algorithm;
-use prometheus::{Gauge, IntCounterVec};
 use tokio::time::Instant;
 
 use super::keys::{parse_jwks, Key};
+use crate::metrics::JwksMetrics;
 use crate::upstream::pool::Origin;
 use crate::watch::Watched;
 
@@ -34,13 +34,6 @@ const MAX_JWKS_BYTES: usize = 1 << 20;
 const MAX_RETRY: Duration = Duration::from_secs(60);
 /// Repeated fetch failures are logged at most once in this long.
 const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
-
-/// The JWKS metrics, shared by every URL.
-#[derive(Clone)]
-pub struct JwksMetrics {
-    pub fetches: IntCounterVec,
-    pub last_success: Gauge,
-}
 
 /// The `jwks_url` fetchers, by URL and pinned algorithm: a reload that keeps a URL keeps its
 /// fetcher, its keys and its readiness (a new fetcher would not be ready until its first

@@ -15,7 +15,7 @@ use crate::auth::Caller;
 use crate::cache::CacheStatus;
 use crate::domain::Export;
 use crate::error::ApiError;
-use crate::metrics::InFlight;
+use crate::metrics::{AuthReason, InFlight};
 use crate::state::{Policy, State};
 use crate::upstream::{RegionId, X_REQUEST_ID};
 
@@ -70,7 +70,7 @@ impl<'a> Access<'a> {
                 if let ApiError::Unauthorized(failure) = &e {
                     self.state.metrics.auth_failure(failure.reason());
                 } else if let ApiError::Forbidden(_) = &e {
-                    self.state.metrics.auth_failure("forbidden");
+                    self.state.metrics.auth_failure(AuthReason::Forbidden);
                 }
                 self.error = Some(error_chain(&e));
                 e.into_response()

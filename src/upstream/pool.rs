@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::server::tls::client_config;
+use crate::tls::client_config;
 use crate::watch::Watched;
 
 /// Idle HTTP/1.1 connections kept per origin.

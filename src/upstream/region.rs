@@ -9,23 +9,8 @@ use http::Uri;
 
 use super::pool::{Connector, Origin, Origins};
 use crate::config::{Config, ConfigError};
+pub use crate::domain::RegionId;
 use crate::watch::Watched;
-
-/// A region of one policy: an index into its [`Regions`], meaningful only with that policy
-/// (a reload may add, remove or reorder regions). What outlives a policy, such as a cache
-/// entry or a learned agent, names its region instead.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RegionId(u16);
-
-impl RegionId {
-    pub fn new(index: u16) -> RegionId {
-        RegionId(index)
-    }
-
-    pub fn index(self) -> usize {
-        usize::from(self.0)
-    }
-}
 
 /// One Convocore region.
 pub struct Region {
@@ -78,7 +63,7 @@ impl Regions {
                 .map_err(|e| base_err(format!("not a URL: {e}")))?;
             let origin = origins.origin(&base, connector).map_err(base_err)?;
             let id = u16::try_from(i)
-                .map(RegionId)
+                .map(RegionId::new)
                 .map_err(|_| config.err("regions", "too many regions"))?;
             list.push(Region {
                 id,
