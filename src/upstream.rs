@@ -25,7 +25,7 @@ use crate::domain::Export;
 use crate::metrics::{Resolved, UpstreamFailure};
 
 pub use self::pool::{Connector, Origins, SharedError};
-pub use self::region::{Region, RegionId, Regions};
+pub use self::region::{RegionId, Regions};
 use self::routing::{Learned, Route, Router};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
