@@ -85,6 +85,8 @@ async fn purge<B>(
             "the token's scope does not hold {PURGE_SCOPE}"
         )));
     }
+    // A team may purge only what it may export.
+    policy.auth.authorize(&caller, agent)?;
     let purged = state.cache.purge(agent, convo).await;
     tracing::info!(team = %caller.team, agent, convo, purged, "cache purge");
     let body = serde_json::json!({

@@ -11,10 +11,10 @@
 
 pub mod flight;
 pub mod freshness;
+pub mod purge;
 pub mod store;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -23,6 +23,7 @@ use http::{HeaderMap, StatusCode};
 
 use self::flight::{Flights, Joined};
 use self::freshness::{assess, Freshness, Windows};
+use self::purge::Epochs;
 use self::store::Memory;
 use crate::clock;
 use crate::config;
@@ -135,8 +136,9 @@ pub struct Cache {
     /// `None` while the cache is disabled. Swapped whole when a reload changes its size.
     store: Arc<ArcSwapOption<Memory>>,
     flights: Arc<Flights>,
-    /// Bumped by every purge; a fetch that overlaps a purge does not keep what it stored.
-    purges: Arc<AtomicU64>,
+    /// Bumped by a purge of a conversation; a fetch that overlaps it does not keep what it
+    /// fetched.
+    purges: Arc<Epochs>,
 }
 
 impl Cache {
@@ -147,7 +149,7 @@ impl Cache {
         Cache {
             store: Arc::new(ArcSwapOption::new(store)),
             flights: Arc::new(Flights::default()),
-            purges: Arc::new(AtomicU64::new(0)),
+            purges: Arc::new(Epochs::default()),
         }
     }
 
@@ -332,7 +334,7 @@ impl Cache {
         let Some(store) = self.store.load_full() else {
             return 0;
         };
-        self.purges.fetch_add(1, Ordering::SeqCst);
+        self.purges.bump(agent, convo);
         store.purge(agent, convo).await
     }
 
@@ -647,5 +649,61 @@ mod tests {
         s.enabled = true;
         cache.configure(&s, |_| true).await;
         assert!(cache.enabled());
+    }
+
+    /// A purge stops a fetch then in flight for its own conversation from being stored, and
+    /// no other: purges are per conversation.
+    #[tokio::test]
+    async fn a_purge_wins_over_a_fetch_of_its_own_conversation_only() {
+        let s = settings(600, 0, 0);
+        let cache = Arc::new(Cache::new(&s));
+        let gated = |key: Export, gate: tokio::sync::oneshot::Receiver<()>| {
+            let (cache, s) = (cache.clone(), s.clone());
+            tokio::spawn(async move {
+                let fetch = move || async move {
+                    let _ = gate.await;
+                    Ok(fetched("fetched"))
+                };
+                cache.get(&s, &key, Mode::Normal, fetch).await.ok().unwrap()
+            })
+        };
+        let (open_a, gate_a) = tokio::sync::oneshot::channel();
+        let (open_b, gate_b) = tokio::sync::oneshot::channel();
+        let a = gated(key("a"), gate_a);
+        let b = gated(key("b"), gate_b);
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(cache.purge("a", "b").await, 0, "nothing stored yet");
+        open_a.send(()).unwrap();
+        open_b.send(()).unwrap();
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        assert_eq!(
+            a.detail,
+            Detail::Forward {
+                fwd: Fwd::Miss,
+                fwd_status: None,
+                stored: true,
+                collapsed: false
+            }
+        );
+        assert_eq!(
+            b.detail,
+            Detail::Forward {
+                fwd: Fwd::Miss,
+                fwd_status: Some(200),
+                stored: false,
+                collapsed: false
+            },
+            "the purge of its conversation came during the fetch"
+        );
+        assert_eq!(cache.usage().await.0, 1);
+        assert_eq!(
+            get(&cache, &s, &key("a"), "again").await.status,
+            CacheStatus::Hit
+        );
+        assert_eq!(
+            get(&cache, &s, &key("b"), "again").await.status,
+            CacheStatus::Miss
+        );
     }
 }

@@ -1024,3 +1024,41 @@ async fn disabled_cache_sends_every_request_upstream() {
     }
     assert_eq!(gw.state.cache.usage().await, (0, 0));
 }
+
+/// A team holding the purge scope may purge only agents that `[teams]` lets it export.
+#[tokio::test]
+async fn purge_follows_the_teams_rules() {
+    let gw = Gateway::start_with(TestConfig {
+        teams: "[teams]\nops = { agents = [\"agent-na\"] }\nbilling = { agents = [\"*\"] }\n"
+            .into(),
+        ..with_cache("enabled = true\nttl = \"5m\"\n")
+    })
+    .await;
+    let t = token("billing");
+    assert_eq!(x_cache(&gw.get(EXPORT_EU, &t).await), "MISS");
+    let purge = |team: &str| format!("Bearer {}", purge_token(team));
+    for (team, why) in [
+        ("ops", "not allowed agent-eu"),
+        ("marketing", "not in [teams]"),
+    ] {
+        let r = gw
+            .admin(
+                Method::DELETE,
+                "/admin/cache/agents/agent-eu/convos/c1",
+                &[("authorization", &purge(team))],
+            )
+            .await;
+        r.assert_error(403, "FORBIDDEN");
+        assert_eq!(x_cache(&gw.get(EXPORT_EU, &t).await), "HIT", "{why}: kept");
+    }
+    let r = gw
+        .admin(
+            Method::DELETE,
+            "/admin/cache/agents/agent-eu/convos/c1",
+            &[("authorization", &purge("billing"))],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["data"]["purged"], 1);
+    assert_eq!(x_cache(&gw.get(EXPORT_EU, &t).await), "MISS");
+}

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use http::StatusCode;
 use tokio::sync::{watch, Mutex};
 
 use super::freshness::{assess, Freshness, Windows};
+use super::purge::Epochs;
 use super::store::Memory;
 use crate::clock;
 use crate::domain::Export;
@@ -42,7 +42,7 @@ impl Flights {
         fetch: F,
         recheck: Option<&Windows>,
         store: &Arc<ArcSwapOption<Memory>>,
-        purges: &Arc<AtomicU64>,
+        purges: &Arc<Epochs>,
     ) -> Joined
     where
         F: FnOnce() -> Fut,
@@ -76,7 +76,7 @@ impl Flights {
         let store = store.clone();
         let flights = self.0.clone();
         let purges = purges.clone();
-        let epoch = purges.load(Ordering::SeqCst);
+        let epoch = purges.epoch(&key.agent, &key.convo);
         let key = key.clone();
         let task = async move {
             let result = match future.await {
@@ -101,7 +101,7 @@ async fn keep(
     store: &ArcSwapOption<Memory>,
     key: &Export,
     fetched: &Arc<Fetched>,
-    purges: &AtomicU64,
+    purges: &Epochs,
     epoch: u64,
 ) -> bool {
     let Some(store) = store.load_full() else {
@@ -114,8 +114,8 @@ async fn keep(
         return false;
     }
     store.insert(key.clone(), fetched.clone()).await;
-    // A purge since this fetch began must win over what it fetched.
-    if purges.load(Ordering::SeqCst) != epoch {
+    // A purge of this conversation since this fetch began must win over what it fetched.
+    if purges.epoch(&key.agent, &key.convo) != epoch {
         store.remove(key).await;
         return false;
     }
