@@ -15,6 +15,7 @@ use base64::Engine;
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
 use jsonwebtoken::{Algorithm, Validation};
+use std::str::FromStr;
 
 use self::sources::{load_source, Context, Source};
 use crate::config::{Config, ConfigError};
@@ -261,6 +262,7 @@ impl Auth {
                     &validation,
                 ) {
                     Ok(data) => {
+                        check_claims(token, &data.claims)?;
                         let exp = data
                             .claims
                             .get("exp")
@@ -276,7 +278,7 @@ impl Auth {
                     }
                     Err(e) => {
                         if let Some(failure) = claim_failure(e.kind()) {
-                            return Err(failure);
+                            return Err(refine(failure, token));
                         }
                     }
                 }
@@ -394,6 +396,10 @@ fn header_failure(token: &str) -> AuthFailure {
         Some(a) if a.eq_ignore_ascii_case("none") => {
             AuthFailure::Malformed("unsigned tokens (alg none) are not accepted")
         }
+        // A known alg: something else in the header is wrong.
+        Some(a) if Algorithm::from_str(&a).is_ok() => {
+            AuthFailure::Malformed("the token header is malformed (a field has the wrong type)")
+        }
         Some(_) => AuthFailure::Malformed("the token's alg is not supported"),
         None => AuthFailure::Malformed("not a JWT (header.payload.signature, base64url JSON)"),
     }
@@ -405,6 +411,77 @@ fn digest(token: &str) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
+}
+
+/// A token's claims as JSON, decoded without verifying anything: only for telling a verified
+/// token's faults apart.
+fn payload(token: &str) -> Option<Vec<u8>> {
+    let part = token.split('.').nth(1)?;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .ok()
+}
+
+/// What the signature check leaves to us: `iss` is a string (not an array that merely holds
+/// an accepted issuer), and no claim is given twice (parsers disagree on which one counts).
+fn check_claims(
+    token: &str,
+    claims: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), AuthFailure> {
+    if claims.get("iss").is_some_and(|iss| !iss.is_string()) {
+        return Err(AuthFailure::Malformed("iss must be a string"));
+    }
+    let unique = payload(token).is_some_and(|json| {
+        let mut de = serde_json::Deserializer::from_slice(&json);
+        serde::Deserializer::deserialize_map(&mut de, UniqueKeys).unwrap_or(false)
+    });
+    if !unique {
+        return Err(AuthFailure::Malformed("a claim is given more than once"));
+    }
+    Ok(())
+}
+
+/// Whether a JSON object's keys are unique (true) or one repeats (false).
+struct UniqueKeys;
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            map.next_value::<serde::de::IgnoredAny>()?;
+            if !seen.insert(key) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// A claim failure told more exactly from the (verified) payload: an `exp` that is there but
+/// not a number is not "missing".
+fn refine(failure: AuthFailure, token: &str) -> AuthFailure {
+    let exp_failure = matches!(
+        failure,
+        AuthFailure::Malformed("exp is required")
+            | AuthFailure::Malformed("exp, nbf, iss or aud has the wrong type")
+    );
+    if !exp_failure {
+        return failure;
+    }
+    let claims: Option<serde_json::Map<String, serde_json::Value>> =
+        payload(token).and_then(|json| serde_json::from_slice(&json).ok());
+    match claims.as_ref().and_then(|c| c.get("exp")) {
+        Some(exp) if exp.as_u64().is_none() => {
+            AuthFailure::Malformed("exp must be a number of seconds since 1970 (NumericDate)")
+        }
+        _ => failure,
+    }
 }
 
 /// Errors after the signature verified (or of the token's shape); `None` for a signature that

@@ -1268,3 +1268,72 @@ async fn algorithm_that_does_not_fit_the_key_is_a_startup_error() {
     .await;
     assert!(e.key.starts_with("auth.keys[6]"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Claim and header details: each malformation has its own message
+// ---------------------------------------------------------------------------------------------
+
+/// Signs `header.payload` given as raw JSON text with the HS256 fixture secret, so a test can
+/// send what no JWT library would produce (duplicate claims, wrong header types).
+fn sign_raw_hs256(header: &str, payload: &str) -> String {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s.as_bytes());
+    let message = format!("{}.{}", b64(header), b64(payload));
+    let key = EncodingKey::from_secret(&fixture_bytes("hmac_secret.txt"));
+    let signature = jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::HS256).unwrap();
+    format!("{message}.{signature}")
+}
+
+#[tokio::test]
+async fn iss_must_be_a_string_even_when_an_array_holds_an_accepted_issuer() {
+    let gw = Gateway::start().await;
+    let mut c = claims("billing");
+    c["iss"] = serde_json::json!([ISSUER]);
+    let t = mint(Algorithm::RS256, Some("rsa-1"), &c);
+    let r = refused(&gw, &t).await;
+    assert!(issue(&r).contains("iss must be a string"), "{}", r.text());
+    c["iss"] = serde_json::json!([ISSUER, "https://other.example"]);
+    refused(&gw, &mint(Algorithm::RS256, Some("rsa-1"), &c)).await;
+}
+
+#[tokio::test]
+async fn a_wrong_typed_exp_is_not_called_missing() {
+    let gw = Gateway::start().await;
+    for exp in [
+        serde_json::json!("2099-01-01"),
+        serde_json::Value::Null,
+        serde_json::json!(1e300),
+    ] {
+        let mut c = claims("billing");
+        c["exp"] = exp.clone();
+        let r = refused(&gw, &mint(Algorithm::RS256, Some("rsa-1"), &c)).await;
+        let issue = issue(&r);
+        assert!(!issue.contains("required"), "exp {exp}: {issue}");
+        assert!(issue.contains("exp"), "exp {exp}: {issue}");
+    }
+    // And a token with no exp at all still says so.
+    let mut c = claims("billing");
+    c.as_object_mut().unwrap().remove("exp");
+    let r = refused(&gw, &mint(Algorithm::RS256, Some("rsa-1"), &c)).await;
+    assert_eq!(issue(&r), "exp is required");
+}
+
+#[tokio::test]
+async fn a_malformed_header_and_duplicate_claims_get_their_own_messages() {
+    let gw = Gateway::start().await;
+    let payload = claims("billing").to_string();
+    // kid of the wrong type: the header is malformed, the alg is fine.
+    let t = sign_raw_hs256(r#"{"alg":"HS256","typ":"JWT","kid":5}"#, &payload);
+    let r = refused(&gw, &t).await;
+    assert!(!issue(&r).contains("alg"), "{}", r.text());
+    assert!(issue(&r).contains("header"), "{}", r.text());
+    // An alg nobody knows is still named as such.
+    let t = sign_raw_hs256(r#"{"alg":"HS999","typ":"JWT"}"#, &payload);
+    assert!(issue(&refused(&gw, &t).await).contains("alg"));
+    // A claim given twice.
+    let dup = payload.replacen('{', &format!("{{\"team\":\"billing\","), 1);
+    assert!(dup.matches("\"team\"").count() == 2, "{dup}");
+    let t = sign_raw_hs256(r#"{"alg":"HS256","typ":"JWT","kid":"hs-1"}"#, &dup);
+    let r = refused(&gw, &t).await;
+    assert!(issue(&r).contains("more than once"), "{}", r.text());
+}
