@@ -1331,7 +1331,7 @@ async fn a_malformed_header_and_duplicate_claims_get_their_own_messages() {
     let t = sign_raw_hs256(r#"{"alg":"HS999","typ":"JWT"}"#, &payload);
     assert!(issue(&refused(&gw, &t).await).contains("alg"));
     // A claim given twice.
-    let dup = payload.replacen('{', &format!("{{\"team\":\"billing\","), 1);
+    let dup = payload.replacen('{', "{\"team\":\"billing\",", 1);
     assert!(dup.matches("\"team\"").count() == 2, "{dup}");
     let t = sign_raw_hs256(r#"{"alg":"HS256","typ":"JWT","kid":"hs-1"}"#, &dup);
     let r = refused(&gw, &t).await;
