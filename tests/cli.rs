@@ -1,382 +1,26 @@
 //! The command line as an operator meets it: the real `convocore-gateway` binary, started as a
-//! child process with its own config file, signals sent with `kill`, output read from its pipes.
-//!
-//! Every child is owned by a [`Proc`] guard that kills it when dropped, so a failing assertion
-//! never leaves a gateway behind. Only 127.0.0.1 is used.
+//! child process with its own config file, signals sent with `kill`, output read from its pipes
+//! (the harness is `tests/common/process.rs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+use common::process::*;
 use common::*;
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::fmt::Display;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use convocore_gateway::testing::mock::{Faults, MockConvocore};
-use http::{Method, Request};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::Method;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
-const BIN: &str = env!("CARGO_BIN_EXE_convocore-gateway");
-
-/// How long a short-lived command (check-config, a config error) may take.
-const QUICK: Duration = Duration::from_secs(30);
-/// How long a gateway may take to answer `/healthz` after it is started.
-const STARTUP: Duration = Duration::from_secs(30);
-/// `server.shutdown_grace` in the configs these tests write.
-const GRACE: Duration = Duration::from_secs(10);
-
 // ---------------------------------------------------------------------------------------------
-// Child processes
+// Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// A command for the binary with a clean environment for the variables it reads.
-fn gateway_cmd() -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.env_remove("CONVOCORE_GATEWAY_CONFIG")
-        .env_remove("RUST_LOG")
-        .env_remove("CONVOCORE_API_TOKEN")
-        .stdin(Stdio::null());
-    cmd
-}
-
-/// A started child with its stdout and stderr drained into buffers by reader threads (so a full
-/// pipe never stalls it). Dropping it kills the child if it still runs.
-struct Proc {
-    child: Child,
-    out: Arc<Mutex<Vec<u8>>>,
-    err: Arc<Mutex<Vec<u8>>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
-    status: Option<ExitStatus>,
-}
-
-fn drain(
-    mut from: impl Read + Send + 'static,
-    into: Arc<Mutex<Vec<u8>>>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => into.lock().unwrap().extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command) -> Proc {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let err = Arc::new(Mutex::new(Vec::new()));
-        let readers = vec![
-            drain(child.stdout.take().unwrap(), out.clone()),
-            drain(child.stderr.take().unwrap(), err.clone()),
-        ];
-        Proc {
-            child,
-            out,
-            err,
-            readers,
-            status: None,
-        }
-    }
-
-    /// The exit status if the child has exited (reaps it).
-    fn exited(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().expect("try_wait");
-        }
-        self.status
-    }
-
-    /// Sends a signal with the `kill` command; only while the child is unreaped, so the pid is
-    /// still ours.
-    fn signal(&mut self, sig: &str) {
-        assert!(
-            self.exited().is_none(),
-            "the gateway exited before {sig}: {:?}\nstderr: {}",
-            self.status,
-            self.stderr()
-        );
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {sig} failed: {status}");
-    }
-
-    /// Waits (blocking the thread) at most `limit` for the child to exit.
-    fn wait_blocking(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.exited() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits (without blocking the runtime) at most `limit` for the child to exit.
-    async fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.exited() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits (without blocking the runtime) at most `limit` for the exit, lets the readers
-    /// reach end of file, and asserts the process exited 0; `what` says what it was waiting
-    /// for, in the failure message.
-    async fn expect_exit_0(&mut self, limit: Duration, what: &str) {
-        let status = self.wait(limit).await;
-        self.settle();
-        let status = status.unwrap_or_else(|| {
-            panic!(
-                "no exit within {limit:?} ({what})\nstdout: {}\nstderr: {}",
-                self.stdout(),
-                self.stderr()
-            )
-        });
-        assert!(
-            status.success(),
-            "{what}: exit {status}\nstdout: {}\nstderr: {}",
-            self.stdout(),
-            self.stderr()
-        );
-    }
-
-    /// Everything read from stdout so far.
-    fn stdout(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
-    }
-
-    /// Everything read from stderr so far.
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
-    }
-
-    /// After exit: lets the reader threads reach end of file (bounded), so the buffers hold
-    /// all the child wrote.
-    fn settle(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        for r in std::mem::take(&mut self.readers) {
-            if r.is_finished() {
-                let _ = r.join();
-            }
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.exited().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// What a finished short-lived command left.
-#[derive(Debug)]
-struct Finished {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Finished {
-    fn all(&self) -> String {
-        format!("{}\n{}", self.stdout, self.stderr)
-    }
-}
-
-/// Runs a command that is expected to end by itself, within [`QUICK`].
-fn run_to_end(cmd: &mut Command) -> Finished {
-    let mut p = Proc::spawn(cmd);
-    let status = p.wait_blocking(QUICK);
-    assert!(
-        status.is_some(),
-        "the command did not finish within {QUICK:?}\nstdout: {}\nstderr: {}",
-        p.stdout(),
-        p.stderr()
-    );
-    p.settle();
-    Finished {
-        code: status.and_then(|s| s.code()),
-        stdout: p.stdout(),
-        stderr: p.stderr(),
-    }
-}
-
-/// `convocore-gateway check-config --config <path>`.
-fn check_config(path: &Path) -> Finished {
-    run_to_end(gateway_cmd().arg("check-config").arg("--config").arg(path))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Config files
-// ---------------------------------------------------------------------------------------------
-
-/// The HMAC secret of the fixture key `hs-1` (read by the gateway from its file).
-fn hmac_secret() -> String {
-    String::from_utf8(fixture_bytes("hmac_secret.txt")).unwrap()
-}
-
-/// Values that must never show up in anything the binary prints.
-fn secrets() -> Vec<String> {
-    vec![UPSTREAM_TOKEN.to_string(), hmac_secret()]
-}
-
-fn assert_no_secrets(what: &str, text: &str, extra: &[&str]) {
-    for s in secrets()
-        .iter()
-        .map(String::as_str)
-        .chain(extra.iter().copied())
-    {
-        assert!(!s.is_empty());
-        assert!(
-            !text.contains(s),
-            "{what} contains the secret {s:?}:\n{text}"
-        );
-    }
-}
-
-/// The parts of a config file a test changes; `render` writes a complete, valid file.
-#[derive(Clone)]
-struct Cfg {
-    listen: String,
-    admin: String,
-    grace: String,
-    /// `[upstream]` body (token source and timeouts).
-    upstream: String,
-    eu: String,
-    na: String,
-    /// `[routing]` body.
-    routing: String,
-    /// The `[[auth.keys]]` entries.
-    keys: String,
-    /// `[cache]` body.
-    cache: String,
-    /// `[log]` body.
-    log: String,
-}
-
-impl Cfg {
-    /// A valid config: the upstream token in `dir/convocore-token`, an RS256 key and the HS256
-    /// fixture secret, regions pointing at a closed port.
-    fn new(dir: &Path) -> Cfg {
-        let token_file = dir.join("convocore-token");
-        std::fs::write(&token_file, format!("{UPSTREAM_TOKEN}\n")).unwrap();
-        Cfg {
-            listen: "127.0.0.1:18080".into(),
-            admin: "127.0.0.1:19090".into(),
-            grace: format!("{}s", GRACE.as_secs()),
-            upstream: format!(
-                "token_file = \"{}\"\nconnect_timeout = \"1s\"\nrequest_timeout = \"10s\"\n",
-                token_file.display()
-            ),
-            eu: "http://127.0.0.1:9/v3".into(),
-            na: "http://127.0.0.1:9/v3".into(),
-            routing: "default_region = \"eu\"\ndiscover = true\n[routing.agents]\n\"agent-eu\" = \"eu\"\n\"agent-na\" = \"na\"\n".into(),
-            keys: format!(
-                r#"
-[[auth.keys]]
-kid = "rsa-1"
-algorithm = "RS256"
-public_key_file = "{rsa}"
-
-[[auth.keys]]
-kid = "hs-1"
-algorithm = "HS256"
-secret_file = "{hmac}"
-"#,
-                rsa = fixture("rsa_public.pem").display(),
-                hmac = fixture("hmac_secret.txt").display(),
-            ),
-            cache: "enabled = false\n".into(),
-            log: "format = \"json\"\nlevel = \"info\"\n".into(),
-        }
-    }
-
-    fn render(&self) -> String {
-        format!(
-            r#"
-[server]
-listen = "{listen}"
-admin_listen = "{admin}"
-shutdown_grace = "{grace}"
-
-[upstream]
-{upstream}
-
-[regions.eu]
-base_url = "{eu}"
-[regions.na]
-base_url = "{na}"
-
-[routing]
-{routing}
-
-[auth]
-issuers = ["{ISSUER}"]
-audiences = ["{AUDIENCE}"]
-leeway = "30s"
-team_claim = "team"
-
-{keys}
-
-[cache]
-{cache}
-
-[log]
-{log}
-"#,
-            listen = self.listen,
-            admin = self.admin,
-            grace = self.grace,
-            upstream = self.upstream,
-            eu = self.eu,
-            na = self.na,
-            routing = self.routing,
-            keys = self.keys,
-            cache = self.cache,
-            log = self.log,
-        )
-    }
-
-    /// Writes the file as `dir/name` and returns its path.
-    fn write(&self, dir: &Path, name: &str) -> PathBuf {
-        let path = dir.join(name);
-        std::fs::write(&path, self.render()).unwrap();
-        path
-    }
-}
 
 /// An environment variable name no one else uses.
 fn unique_var(what: &str) -> String {
@@ -390,188 +34,94 @@ fn unique_var(what: &str) -> String {
     )
 }
 
-/// Asserts a configuration error: exit 2, and stderr names the key and the file.
-fn assert_config_error(f: &Finished, key: &str, file: &Path, extra_secrets: &[&str]) {
+/// One `[[auth.keys]]` entry whose key comes from `source` (`public_key_file`, `secret_file`,
+/// `secret_env`) = `value`.
+fn one_key(kid: &str, algorithm: &str, source: &str, value: impl Display) -> String {
+    format!("[[auth.keys]]\nkid = \"{kid}\"\nalgorithm = \"{algorithm}\"\n{source} = \"{value}\"\n")
+}
+
+/// A config change: `[log]` with this format, level info.
+fn log_format(format: &'static str) -> impl Fn(&mut ProcConfig) {
+    move |c| {
+        c.set("log.format", format).set("log.level", "info");
+    }
+}
+
+/// Asserts a configuration error (`what`, in the failure messages): exit 2, and stderr names
+/// the key (a missing file has none) and the file; nothing secret in the output.
+fn assert_config_error(
+    what: &str,
+    f: &Finished,
+    key: Option<&str>,
+    file: &Path,
+    extra_secrets: &[&str],
+) {
     assert_eq!(
         f.code,
         Some(2),
-        "expected exit status 2 for {key}\nstdout: {}\nstderr: {}",
+        "{what}: expected exit status 2 for {key:?}\nstdout: {}\nstderr: {}",
         f.stdout,
         f.stderr
     );
-    assert!(
-        f.stderr.contains(key),
-        "the message does not name the key {key}:\n{}",
-        f.stderr
-    );
+    if let Some(key) = key {
+        assert!(
+            f.stderr.contains(key),
+            "{what}: the message does not name the key {key}:\n{}",
+            f.stderr
+        );
+    }
     let file = file.display().to_string();
     assert!(
         f.stderr.contains(&file),
-        "the message does not name the file {file}:\n{}",
+        "{what}: the message does not name the file {file}:\n{}",
         f.stderr
     );
-    assert_no_secrets("the error output", &f.all(), extra_secrets);
+    assert_no_secrets(
+        &format!("{what}: the error output"),
+        &f.all(),
+        extra_secrets,
+    );
 }
 
-// ---------------------------------------------------------------------------------------------
-// HTTP
-// ---------------------------------------------------------------------------------------------
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-fn client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build_http()
+/// The mocks, the EU one answering after `delay`, and a gateway in front of them.
+async fn with_slow_eu(
+    delay: Duration,
+    change: impl Fn(&mut ProcConfig),
+) -> (GatewayProcess, MockConvocore, MockConvocore) {
+    let (eu, na) = mocks().await;
+    eu.set_faults(Faults {
+        delay,
+        ..Default::default()
+    });
+    let gw = GatewayProcess::start(&eu, &na, change).await;
+    (gw, eu, na)
 }
 
-/// A request that may fail (connection refused, timeout) instead of panicking.
-async fn try_send(
-    client: &HttpClient,
-    method: Method,
-    url: &str,
-    headers: &[(&str, &str)],
-) -> Result<Resp, String> {
-    let mut req = Request::builder().method(method).uri(url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| e.to_string())?;
-    let exchange = async {
-        let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok::<_, String>(Resp {
-            status: parts.status,
-            headers: parts.headers,
-            body,
+/// Sends an EU export from a task of its own, and returns that task once the (slow) upstream
+/// has the request.
+async fn send_in_flight(
+    gw: &GatewayProcess,
+    eu: &MockConvocore,
+) -> tokio::task::JoinHandle<Result<Resp, String>> {
+    let url = gw.api_url(EXPORT_EU);
+    let auth = bearer(&token("team-a"));
+    let inflight = tokio::spawn(async move {
+        try_send(
+            &http_client(),
+            Method::GET,
+            &url,
+            &[("authorization", &auth)],
+        )
+        .await
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            eu.request_count() >= 1
         })
-    };
-    tokio::time::timeout(Duration::from_secs(15), exchange)
-        .await
-        .map_err(|_| "timed out".to_string())?
-}
-
-fn bearer(token: &str) -> String {
-    format!("Bearer {token}")
-}
-
-/// Two distinct ports that were free a moment ago on 127.0.0.1.
-fn free_ports() -> (u16, u16) {
-    let a = TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = TcpListener::bind("127.0.0.1:0").unwrap();
-    (
-        a.local_addr().unwrap().port(),
-        b.local_addr().unwrap().port(),
-    )
-}
-
-// ---------------------------------------------------------------------------------------------
-// A running gateway
-// ---------------------------------------------------------------------------------------------
-
-struct Running {
-    proc: Proc,
-    api: SocketAddr,
-    admin: SocketAddr,
-    client: HttpClient,
-    _dir: tempfile::TempDir,
-}
-
-impl Running {
-    /// Starts `convocore-gateway --config <file>` in front of the two mocks on free ports
-    /// (retrying with other ports if one was taken meanwhile), and waits for `/healthz`.
-    async fn start(eu: &MockConvocore, na: &MockConvocore, change: impl Fn(&mut Cfg)) -> Running {
-        let dir = tempfile::tempdir().unwrap();
-        let mut last_failure = String::new();
-        for _attempt in 0..5 {
-            let (api_port, admin_port) = free_ports();
-            let api: SocketAddr = ([127, 0, 0, 1], api_port).into();
-            let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
-            let mut cfg = Cfg::new(dir.path());
-            cfg.listen = api.to_string();
-            cfg.admin = admin.to_string();
-            cfg.eu = eu.base_url();
-            cfg.na = na.base_url();
-            change(&mut cfg);
-            let path = cfg.write(dir.path(), "config.toml");
-            let mut proc = Proc::spawn(gateway_cmd().arg("--config").arg(&path));
-            let client = client();
-            let deadline = Instant::now() + STARTUP;
-            loop {
-                if let Some(status) = proc.exited() {
-                    proc.settle();
-                    last_failure = format!(
-                        "the gateway exited at start ({status})\nstdout: {}\nstderr: {}",
-                        proc.stdout(),
-                        proc.stderr()
-                    );
-                    assert_eq!(status.code(), Some(1), "{last_failure}");
-                    assert!(proc.stderr().contains("cannot listen"), "{last_failure}");
-                    break; // a port was taken meanwhile: try others
-                }
-                let healthz = format!("http://{admin}/healthz");
-                if let Ok(r) = try_send(&client, Method::GET, &healthz, &[]).await {
-                    assert_eq!(r.status, 200, "/healthz: {}", r.text());
-                    return Running {
-                        proc,
-                        api,
-                        admin,
-                        client,
-                        _dir: dir,
-                    };
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "/healthz did not answer within {STARTUP:?}\nstdout: {}\nstderr: {}",
-                    proc.stdout(),
-                    proc.stderr()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        panic!("could not start the gateway on free ports: {last_failure}");
-    }
-
-    fn api_url(&self, path: &str) -> String {
-        format!("http://{}{}", self.api, path)
-    }
-
-    fn admin_url(&self, path: &str) -> String {
-        format!("http://{}{}", self.admin, path)
-    }
-
-    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
-        try_send(&self.client, Method::GET, &self.api_url(path), headers)
-            .await
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
-    }
-
-    async fn admin_get(&self, path: &str) -> Resp {
-        try_send(&self.client, Method::GET, &self.admin_url(path), &[])
-            .await
-            .unwrap_or_else(|e| panic!("admin GET {path}: {e}"))
-    }
-
-    /// Sends `sig` and waits for the exit; asserts status 0 within the grace period (plus
-    /// generous slack). Returns (stdout, stderr), complete.
-    async fn stop_with(&mut self, sig: &str) -> (String, String) {
-        self.proc.signal(sig);
-        self.proc
-            .expect_exit_0(GRACE + Duration::from_secs(10), sig)
-            .await;
-        (self.proc.stdout(), self.proc.stderr())
-    }
-}
-
-async fn mocks() -> (MockConvocore, MockConvocore) {
-    let eu = MockConvocore::start("eu", UPSTREAM_TOKEN, EU_AGENTS)
-        .await
-        .unwrap();
-    let na = MockConvocore::start("na", UPSTREAM_TOKEN, NA_AGENTS)
-        .await
-        .unwrap();
-    (eu, na)
+        .await,
+        "the request never reached the upstream"
+    );
+    inflight
 }
 
 /// An RS256 token signed by the unrelated `rsa2` key (a bad signature), with `rsa-1`'s kid.
@@ -622,7 +172,10 @@ fn version_prints_the_cargo_version_and_exits_0() {
 #[test]
 fn check_config_accepts_a_valid_file_and_prints_a_summary_without_secrets() {
     let dir = tempfile::tempdir().unwrap();
-    let path = Cfg::new(dir.path()).write(dir.path(), "gateway.toml");
+    let path = ProcConfig::new(dir.path())
+        .set("server.listen", "127.0.0.1:18080")
+        .set("server.admin_listen", "127.0.0.1:19090")
+        .write(&dir.path().join("gateway.toml"));
     let f = check_config(&path);
     assert_eq!(f.code, Some(0), "{f:?}");
     assert!(f.stdout.contains("OK"), "{}", f.stdout);
@@ -646,16 +199,13 @@ fn check_config_with_env_sources_never_prints_their_values() {
     let secret_var = unique_var("SECRET");
     let token_value = "env-upstream-token-zzzz-0123456789abcdef";
     let secret_value = "env-hmac-secret-value-that-is-long-enough-0123";
-    let mut cfg = Cfg::new(dir.path());
-    cfg.upstream = format!("token_env = \"{token_var}\"\n");
-    cfg.keys = format!(
-        "[[auth.keys]]\nkid = \"hs-env\"\nalgorithm = \"HS256\"\nsecret_env = \"{secret_var}\"\n"
-    );
-    let path = cfg.write(dir.path(), "config.toml");
+    let mut cfg = ProcConfig::new(dir.path());
+    cfg.remove("upstream.token_file")
+        .set("upstream.token_env", token_var.as_str());
+    cfg.test.keys = one_key("hs-env", "HS256", "secret_env", &secret_var);
+    let path = cfg.write(&dir.path().join("config.toml"));
     let f = run_to_end(
-        gateway_cmd()
-            .args(["check-config", "--config"])
-            .arg(&path)
+        check_config_cmd(&path)
             .env(&token_var, token_value)
             .env(&secret_var, secret_value),
     );
@@ -671,7 +221,7 @@ fn check_config_with_env_sources_never_prints_their_values() {
 #[test]
 fn the_config_path_comes_from_the_environment_when_no_flag_is_given() {
     let dir = tempfile::tempdir().unwrap();
-    let path = Cfg::new(dir.path()).write(dir.path(), "from-env.toml");
+    let path = ProcConfig::new(dir.path()).write(&dir.path().join("from-env.toml"));
     let f = run_to_end(
         gateway_cmd()
             .arg("check-config")
@@ -690,19 +240,14 @@ fn the_config_path_comes_from_the_environment_when_no_flag_is_given() {
     assert!(f.stderr.contains("no-such-config.toml"), "{}", f.stderr);
 
     // --config wins over the environment.
-    let f = run_to_end(
-        gateway_cmd()
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .env("CONVOCORE_GATEWAY_CONFIG", &missing),
-    );
+    let f = run_to_end(check_config_cmd(&path).env("CONVOCORE_GATEWAY_CONFIG", &missing));
     assert_eq!(f.code, Some(0), "{f:?}");
 }
 
 #[test]
 fn the_config_path_defaults_to_config_toml_in_the_working_directory() {
     let dir = tempfile::tempdir().unwrap();
-    Cfg::new(dir.path()).write(dir.path(), "config.toml");
+    ProcConfig::new(dir.path()).write(&dir.path().join("config.toml"));
     let f = run_to_end(gateway_cmd().arg("check-config").current_dir(dir.path()));
     assert_eq!(f.code, Some(0), "{f:?}");
 
@@ -713,207 +258,236 @@ fn the_config_path_defaults_to_config_toml_in_the_working_directory() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// check-config: configuration errors exit 2 naming the key and the file
+// Configuration errors exit 2 naming the key and the file
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn a_missing_config_file_exits_2() {
-    let dir = tempfile::tempdir().unwrap();
-    let missing = dir.path().join("absent.toml");
-    let f = check_config(&missing);
-    assert_eq!(f.code, Some(2), "{f:?}");
-    assert!(
-        f.stderr.contains(&missing.display().to_string()),
-        "{}",
-        f.stderr
-    );
-    // The same when running the gateway.
-    let f = run_to_end(gateway_cmd().arg("--config").arg(&missing));
-    assert_eq!(f.code, Some(2), "{f:?}");
+/// A change to a valid config.
+type Edit = Box<dyn Fn(&mut ProcConfig)>;
+
+/// One broken config file: how it differs from a valid one, and what its error must say.
+struct Broken {
+    what: &'static str,
+    /// Turns a valid config into the broken one; `None`: there is no file at all.
+    edit: Option<Edit>,
+    /// The key the message names (a missing file has none).
+    key: Option<&'static str>,
+    /// More the message must name: the variable, file or value at fault.
+    mentions: Vec<String>,
+    /// Values besides the upstream token and the HMAC secret that must not be echoed.
+    secrets: Vec<String>,
+    /// The child's environment: a variable set, or removed (`None`).
+    env: Vec<(String, Option<String>)>,
+    /// Whether running the gateway with the file is checked as well as `check-config`.
+    run_too: bool,
 }
 
-#[test]
-fn an_unknown_key_exits_2() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Cfg::new(dir.path());
-    cfg.cache = "max_byte = 1\n".into();
-    let path = cfg.write(dir.path(), "config.toml");
-    assert_config_error(&check_config(&path), "cache.max_byte", &path, &[]);
-    // Running the gateway with it fails the same way, before listening.
-    let f = run_to_end(gateway_cmd().arg("--config").arg(&path));
-    assert_config_error(&f, "cache.max_byte", &path, &[]);
+impl Broken {
+    fn edit(
+        what: &'static str,
+        key: &'static str,
+        edit: impl Fn(&mut ProcConfig) + 'static,
+    ) -> Self {
+        Broken {
+            what,
+            edit: Some(Box::new(edit)),
+            key: Some(key),
+            mentions: Vec::new(),
+            secrets: Vec::new(),
+            env: Vec::new(),
+            run_too: false,
+        }
+    }
+
+    /// A row whose `[[auth.keys]]` entries are `keys`.
+    fn keys(what: &'static str, key: &'static str, keys: String) -> Self {
+        Self::edit(what, key, move |c| c.test.keys = keys.clone())
+    }
+
+    fn no_file(what: &'static str) -> Self {
+        Broken {
+            what,
+            edit: None,
+            key: None,
+            mentions: Vec::new(),
+            secrets: Vec::new(),
+            env: Vec::new(),
+            run_too: false,
+        }
+    }
+
+    fn mentions(mut self, text: impl Into<String>) -> Self {
+        self.mentions.push(text.into());
+        self
+    }
+
+    fn secret(mut self, value: &str) -> Self {
+        self.secrets.push(value.to_string());
+        self
+    }
+
+    fn env(mut self, var: &str, value: Option<&str>) -> Self {
+        self.env.push((var.to_string(), value.map(str::to_string)));
+        self
+    }
+
+    /// Also run the gateway with the file: it fails the same way, before listening.
+    fn run_too(mut self) -> Self {
+        self.run_too = true;
+        self
+    }
 }
 
+/// Each broken file makes `check-config` (and, where a row says so, running the gateway) exit 2
+/// with a message that names the key and the file, and echoes no secret.
 #[test]
-fn a_bad_duration_exits_2() {
+fn a_config_error_exits_2_naming_the_key_and_the_file_and_no_secret() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Cfg::new(dir.path());
-    cfg.cache = "ttl = \"soon\"\n".into();
-    let path = cfg.write(dir.path(), "config.toml");
-    assert_config_error(&check_config(&path), "cache.ttl", &path, &[]);
-}
-
-#[test]
-fn a_bad_size_exits_2() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Cfg::new(dir.path());
-    cfg.cache = "max_bytes = \"lots\"\n".into();
-    let path = cfg.write(dir.path(), "config.toml");
-    assert_config_error(&check_config(&path), "cache.max_bytes", &path, &[]);
-
-    let mut cfg = Cfg::new(dir.path());
-    cfg.upstream
-        .push_str("max_response_bytes = \"32 parsecs\"\n");
-    let path = cfg.write(dir.path(), "config2.toml");
-    assert_config_error(
-        &check_config(&path),
-        "upstream.max_response_bytes",
-        &path,
-        &[],
-    );
-}
-
-#[test]
-fn a_missing_token_source_exits_2() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Cfg::new(dir.path());
-    cfg.upstream = "connect_timeout = \"1s\"\n".into();
-    let path = cfg.write(dir.path(), "config.toml");
-    assert_config_error(&check_config(&path), "upstream.token_env", &path, &[]);
-}
-
-#[test]
-fn a_token_env_naming_an_unset_variable_exits_2() {
-    let dir = tempfile::tempdir().unwrap();
-    let var = unique_var("UNSET");
-    let mut cfg = Cfg::new(dir.path());
-    cfg.upstream = format!("token_env = \"{var}\"\n");
-    let path = cfg.write(dir.path(), "config.toml");
-    let f = run_to_end(
-        gateway_cmd()
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .env_remove(&var),
-    );
-    assert_config_error(&f, "upstream.token_env", &path, &[]);
-    assert!(
-        f.stderr.contains(&var),
-        "the message should name {var}: {}",
-        f.stderr
-    );
-}
-
-#[test]
-fn an_unreadable_public_key_file_exits_2() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Cfg::new(dir.path());
-    let absent = dir.path().join("keys/absent-idp.pem");
-    cfg.keys = format!(
-        "[[auth.keys]]\nkid = \"rsa-1\"\nalgorithm = \"RS256\"\npublic_key_file = \"{}\"\n",
-        absent.display()
-    );
-    let path = cfg.write(dir.path(), "config.toml");
-    let f = check_config(&path);
-    assert_config_error(&f, "auth.keys[0].public_key_file", &path, &[]);
-    assert!(f.stderr.contains("absent-idp.pem"), "{}", f.stderr);
-}
-
-#[test]
-fn a_pem_that_does_not_parse_exits_2() {
-    let dir = tempfile::tempdir().unwrap();
-    let bad = dir.path().join("bad.pem");
+    let unset = unique_var("UNSET");
+    let short_env = unique_var("SHORT_SECRET");
+    let short = "short-hmac-secret-31-bytes-long"; // 31 bytes
+    assert_eq!(short.len(), 31);
+    let short_file = dir.path().join("short-secret");
+    std::fs::write(&short_file, short).unwrap();
+    let bad_pem = dir.path().join("bad.pem");
     std::fs::write(
-        &bad,
+        &bad_pem,
         "-----BEGIN PUBLIC KEY-----\nthis is not base64 at all!!\n-----END PUBLIC KEY-----\n",
     )
     .unwrap();
-    let mut cfg = Cfg::new(dir.path());
-    cfg.keys = format!(
-        "[[auth.keys]]\nkid = \"rsa-1\"\nalgorithm = \"RS256\"\npublic_key_file = \"{}\"\n",
-        bad.display()
-    );
-    let path = cfg.write(dir.path(), "config.toml");
-    assert_config_error(
-        &check_config(&path),
-        "auth.keys[0].public_key_file",
-        &path,
-        &[],
-    );
-
-    // A secret file named as a public key by mistake: an error, and the secret is not echoed.
-    let mut cfg = Cfg::new(dir.path());
-    cfg.keys = format!(
-        "[[auth.keys]]\nkid = \"oops\"\nalgorithm = \"ES256\"\npublic_key_file = \"{}\"\n",
-        fixture("hmac_secret.txt").display()
-    );
-    let path = cfg.write(dir.path(), "config2.toml");
-    assert_config_error(
-        &check_config(&path),
-        "auth.keys[0].public_key_file",
-        &path,
-        &[],
-    );
-}
-
-#[test]
-fn a_default_region_naming_no_region_exits_2() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Cfg::new(dir.path());
-    cfg.routing = "default_region = \"mars\"\n".into();
-    let path = cfg.write(dir.path(), "config.toml");
-    let f = check_config(&path);
-    assert_config_error(&f, "routing.default_region", &path, &[]);
-    assert!(f.stderr.contains("mars"), "{}", f.stderr);
-}
-
-#[test]
-fn an_hmac_secret_shorter_than_32_bytes_exits_2() {
-    let dir = tempfile::tempdir().unwrap();
-    let short = "short-hmac-secret-31-bytes-long"; // 31 bytes
-    assert_eq!(short.len(), 31);
-
-    // From a file.
-    let secret_file = dir.path().join("short-secret");
-    std::fs::write(&secret_file, short).unwrap();
-    let mut cfg = Cfg::new(dir.path());
-    cfg.keys = format!(
-        "[[auth.keys]]\nkid = \"hs-short\"\nalgorithm = \"HS256\"\nsecret_file = \"{}\"\n",
-        secret_file.display()
-    );
-    let path = cfg.write(dir.path(), "config.toml");
-    assert_config_error(
-        &check_config(&path),
-        "auth.keys[0].secret_file",
-        &path,
-        &[short],
-    );
-
-    // From the environment.
-    let var = unique_var("SHORT_SECRET");
-    let mut cfg = Cfg::new(dir.path());
-    cfg.keys = format!(
-        "[[auth.keys]]\nkid = \"hs-short\"\nalgorithm = \"HS256\"\nsecret_env = \"{var}\"\n"
-    );
-    let path = cfg.write(dir.path(), "config2.toml");
-    let f = run_to_end(
-        gateway_cmd()
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .env(&var, short),
-    );
-    assert_config_error(&f, "auth.keys[0].secret_env", &path, &[short]);
-}
-
-/// An operator who puts a secret into the file by mistake (under a key that does not exist)
-/// gets an error naming the key; the message must not echo the line with the value.
-#[test]
-fn a_config_error_does_not_echo_the_offending_value() {
-    let dir = tempfile::tempdir().unwrap();
+    let absent_pem = dir.path().join("keys/absent-idp.pem");
+    let hmac_file = fixture("hmac_secret.txt");
     let misplaced = "misplaced-upstream-token-value-0123456789";
-    let mut cfg = Cfg::new(dir.path());
-    cfg.upstream.push_str(&format!("token = \"{misplaced}\"\n"));
-    let path = cfg.write(dir.path(), "config.toml");
-    assert_config_error(&check_config(&path), "upstream.token", &path, &[misplaced]);
+
+    let rows = vec![
+        Broken::no_file("a missing config file").run_too(),
+        Broken::edit("an unknown key", "cache.max_byte", |c| {
+            c.test.cache = "max_byte = 1\n".into();
+        })
+        .run_too(),
+        Broken::edit("a bad duration", "cache.ttl", |c| {
+            c.test.cache = "ttl = \"soon\"\n".into();
+        }),
+        Broken::edit("a bad size in [cache]", "cache.max_bytes", |c| {
+            c.test.cache = "max_bytes = \"lots\"\n".into();
+        }),
+        Broken::edit(
+            "a bad size in [upstream]",
+            "upstream.max_response_bytes",
+            |c| {
+                c.test
+                    .upstream
+                    .push_str("max_response_bytes = \"32 parsecs\"\n");
+            },
+        ),
+        Broken::edit("no token source", "upstream.token_env", |c| {
+            c.remove("upstream.token_file");
+        }),
+        Broken::edit(
+            "a token_env naming an unset variable",
+            "upstream.token_env",
+            {
+                let var = unset.clone();
+                move |c| {
+                    c.remove("upstream.token_file")
+                        .set("upstream.token_env", var.as_str());
+                }
+            },
+        )
+        .env(&unset, None)
+        .mentions(&unset),
+        Broken::keys(
+            "an unreadable public key file",
+            "auth.keys[0].public_key_file",
+            one_key("rsa-1", "RS256", "public_key_file", absent_pem.display()),
+        )
+        .mentions("absent-idp.pem"),
+        Broken::keys(
+            "a PEM that does not parse",
+            "auth.keys[0].public_key_file",
+            one_key("rsa-1", "RS256", "public_key_file", bad_pem.display()),
+        ),
+        // A secret file named as a public key by mistake: an error, and the secret is not echoed.
+        Broken::keys(
+            "a secret file as a public key",
+            "auth.keys[0].public_key_file",
+            one_key("oops", "ES256", "public_key_file", hmac_file.display()),
+        ),
+        Broken::edit(
+            "a default region naming no region",
+            "routing.default_region",
+            |c| {
+                c.test.routing = "default_region = \"mars\"\n".into();
+            },
+        )
+        .mentions("mars"),
+        Broken::keys(
+            "an HMAC secret file shorter than 32 bytes",
+            "auth.keys[0].secret_file",
+            one_key("hs-short", "HS256", "secret_file", short_file.display()),
+        )
+        .secret(short),
+        Broken::keys(
+            "an HMAC secret_env shorter than 32 bytes",
+            "auth.keys[0].secret_env",
+            one_key("hs-short", "HS256", "secret_env", &short_env),
+        )
+        .env(&short_env, Some(short))
+        .secret(short),
+        // An operator who puts a secret into the file by mistake (under a key that does not
+        // exist) gets an error naming the key; the message must not echo the line with the value.
+        Broken::edit(
+            "a secret under an unknown key",
+            "upstream.token",
+            move |c| {
+                c.test
+                    .upstream
+                    .push_str(&format!("token = \"{misplaced}\"\n"));
+            },
+        )
+        .secret(misplaced),
+    ];
+
+    // Every file is written before any command starts (they share the token file); then the
+    // commands run side by side.
+    let paths: Vec<PathBuf> = (0..rows.len())
+        .map(|i| dir.path().join(format!("config-{i}.toml")))
+        .collect();
+    for (row, path) in rows.iter().zip(&paths) {
+        if let Some(edit) = &row.edit {
+            let mut cfg = ProcConfig::new(dir.path());
+            edit(&mut cfg);
+            cfg.write(path);
+        }
+    }
+    let mut running = Vec::new();
+    for (row, path) in rows.iter().zip(&paths) {
+        let modes: &[(&str, &[&str])] = &[("check-config", &["check-config"]), ("run", &[])];
+        let modes = if row.run_too { modes } else { &modes[..1] };
+        for &(mode, subcommand) in modes {
+            let mut cmd = gateway_cmd();
+            cmd.args(subcommand).arg("--config").arg(path);
+            for (var, value) in &row.env {
+                match value {
+                    Some(v) => cmd.env(var, v),
+                    None => cmd.env_remove(var),
+                };
+            }
+            let what = format!("{} ({mode})", row.what);
+            running.push((what, row, path, Proc::spawn(&mut cmd)));
+        }
+    }
+    for (what, row, path, proc) in running {
+        let f = proc.finish();
+        let secrets: Vec<&str> = row.secrets.iter().map(String::as_str).collect();
+        assert_config_error(&what, &f, row.key, path, &secrets);
+        for text in &row.mentions {
+            assert!(
+                f.stderr.contains(text.as_str()),
+                "{what}: the message should name {text}: {}",
+                f.stderr
+            );
+        }
+    }
 }
 
 #[test]
@@ -921,10 +495,10 @@ fn a_port_already_in_use_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let held = TcpListener::bind("127.0.0.1:0").unwrap();
     let (_, admin_port) = free_ports();
-    let mut cfg = Cfg::new(dir.path());
-    cfg.listen = held.local_addr().unwrap().to_string();
-    cfg.admin = format!("127.0.0.1:{admin_port}");
-    let path = cfg.write(dir.path(), "config.toml");
+    let path = ProcConfig::new(dir.path())
+        .set("server.listen", held.local_addr().unwrap().to_string())
+        .set("server.admin_listen", format!("127.0.0.1:{admin_port}"))
+        .write(&dir.path().join("config.toml"));
     let f = run_to_end(gateway_cmd().arg("--config").arg(&path));
     drop(held);
     assert_eq!(f.code, Some(1), "{f:?}");
@@ -939,7 +513,7 @@ fn a_port_already_in_use_exits_1() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_gateway_serves_exports_and_answers_health_checks() {
     let (eu, na) = mocks().await;
-    let mut gw = Running::start(&eu, &na, |_| {}).await;
+    let mut gw = GatewayProcess::start(&eu, &na, |_| {}).await;
 
     let r = gw.admin_get("/healthz").await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -974,10 +548,7 @@ async fn the_gateway_serves_exports_and_answers_health_checks() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_json_access_log_has_one_line_per_request_and_no_secrets() {
     let (eu, na) = mocks().await;
-    let mut gw = Running::start(&eu, &na, |c| {
-        c.log = "format = \"json\"\nlevel = \"info\"\n".into();
-    })
-    .await;
+    let mut gw = GatewayProcess::start(&eu, &na, log_format("json")).await;
 
     let good = token("team-a");
     let bad_sig = token_bad_signature("team-b");
@@ -1017,14 +588,12 @@ async fn the_json_access_log_has_one_line_per_request_and_no_secrets() {
     assert_no_secrets("the gateway's output", &everything, &forbidden);
 
     // Every stdout line is JSON; the access lines are one per request.
-    let mut access = Vec::new();
-    for line in stdout.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("a stdout line is not JSON ({e}): {line}"));
-        if v["request_id"].is_string() {
-            access.push(v);
-        }
-    }
+    let access: Vec<serde_json::Value> = gw
+        .proc
+        .stdout_json()
+        .into_iter()
+        .filter(|v| v["request_id"].is_string())
+        .collect();
     assert_eq!(
         access.len(),
         requests.len(),
@@ -1079,35 +648,18 @@ async fn the_json_access_log_has_one_line_per_request_and_no_secrets() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_in_flight_requests_and_exits_0() {
-    let (eu, na) = mocks().await;
-    eu.set_faults(Faults {
-        delay: Duration::from_millis(2000),
-        ..Default::default()
-    });
-    let mut gw = Running::start(&eu, &na, |_| {}).await;
+    let (mut gw, eu, _na) = with_slow_eu(Duration::from_millis(2000), |_| {}).await;
     assert_eq!(gw.admin_get("/readyz").await.status, 200);
 
     // A request that is still waiting on the slow upstream when SIGTERM arrives.
-    let url = gw.api_url(EXPORT_EU);
-    let auth = bearer(&token("team-a"));
-    let inflight = tokio::spawn(async move {
-        let c = client();
-        try_send(&c, Method::GET, &url, &[("authorization", &auth)]).await
-    });
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            eu.request_count() >= 1
-        })
-        .await,
-        "the request never reached the upstream"
-    );
+    let inflight = send_in_flight(&gw, &eu).await;
     assert!(!inflight.is_finished());
 
-    gw.proc.signal("-TERM");
+    gw.proc.send_signal("-TERM");
     let signalled = Instant::now();
 
     // /readyz turns 503 at once, and the admin listener keeps answering during the drain.
-    let admin = client();
+    let admin = http_client();
     let readyz = gw.admin_url("/readyz");
     let mut last = String::new();
     let mut not_ready = false;
@@ -1159,7 +711,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
     // And the process exits 0 within shutdown_grace (with slack for a loaded machine).
     gw.proc
         .expect_exit_0(
-            GRACE + Duration::from_secs(5),
+            SHUTDOWN_GRACE + Duration::from_secs(5),
             "after SIGTERM, within shutdown_grace",
         )
         .await;
@@ -1169,26 +721,12 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
 /// long before the (very slow) upstream answers.
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_grace_bounds_the_drain() {
-    let (eu, na) = mocks().await;
-    eu.set_faults(Faults {
-        delay: Duration::from_secs(30),
-        ..Default::default()
-    });
-    let mut gw = Running::start(&eu, &na, |c| c.grace = "1s".into()).await;
-    let url = gw.api_url(EXPORT_EU);
-    let auth = bearer(&token("team-a"));
-    let inflight = tokio::spawn(async move {
-        let c = client();
-        try_send(&c, Method::GET, &url, &[("authorization", &auth)]).await
-    });
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            eu.request_count() >= 1
-        })
-        .await,
-        "the request never reached the upstream"
-    );
-    gw.proc.signal("-TERM");
+    let (mut gw, eu, _na) = with_slow_eu(Duration::from_secs(30), |c| {
+        c.set("server.shutdown_grace", "1s");
+    })
+    .await;
+    let inflight = send_in_flight(&gw, &eu).await;
+    gw.proc.send_signal("-TERM");
     gw.proc
         .expect_exit_0(Duration::from_secs(15), "with shutdown_grace = 1s")
         .await;
@@ -1198,10 +736,7 @@ async fn shutdown_grace_bounds_the_drain() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigint_exits_0() {
     let (eu, na) = mocks().await;
-    let mut gw = Running::start(&eu, &na, |c| {
-        c.log = "format = \"text\"\nlevel = \"info\"\n".into();
-    })
-    .await;
+    let mut gw = GatewayProcess::start(&eu, &na, log_format("text")).await;
     let r = gw
         .get(EXPORT_EU, &[("authorization", &bearer(&token("team-a")))])
         .await;
@@ -1250,30 +785,11 @@ async fn demo_prints_a_working_curl_line_and_stops_on_sigterm() {
     let held = TcpListener::bind("127.0.0.1:8080").ok();
     let mut demo = Proc::spawn(gateway_cmd().arg("demo"));
 
-    let deadline = Instant::now() + STARTUP;
-    let line = loop {
-        let out = demo.stdout();
-        if let Some(line) = out
-            .lines()
-            .find(|l| l.contains("curl ") && l.contains("Authorization: Bearer ey"))
-        {
-            break line.to_string();
-        }
-        if let Some(status) = demo.exited() {
-            demo.settle();
-            panic!(
-                "the demo exited ({status}) before printing a curl line\nstdout: {}\nstderr: {}",
-                demo.stdout(),
-                demo.stderr()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no curl line within {STARTUP:?}\nstdout: {out}\nstderr: {}",
-            demo.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let line = demo
+        .wait_for_line(STARTUP, "a curl line", |l| {
+            l.contains("curl ") && l.contains("Authorization: Bearer ey")
+        })
+        .await;
     let (token, url) = parse_curl(&line);
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     if held.is_some() {
@@ -1281,7 +797,7 @@ async fn demo_prints_a_working_curl_line_and_stops_on_sigterm() {
     }
     assert_eq!(token.split('.').count(), 3, "not a JWT: {token}");
 
-    let c = client();
+    let c = http_client();
     let auth = bearer(&token);
     let r = try_send(&c, Method::GET, &url, &[("authorization", &auth)])
         .await
@@ -1296,12 +812,12 @@ async fn demo_prints_a_working_curl_line_and_stops_on_sigterm() {
     assert!(r.json().is_object());
 
     // The second curl line uses $TOKEN for a CSV export that the gateway discovers in NA.
-    let out = demo.stdout();
-    if let Some(csv_line) = out
-        .lines()
+    if let Some(csv_line) = demo
+        .stdout_lines()
+        .into_iter()
         .find(|l| l.contains("curl ") && l.contains("format=csv"))
     {
-        let (_, csv_url) = parse_curl(csv_line);
+        let (_, csv_url) = parse_curl(&csv_line);
         let r = try_send(&c, Method::GET, &csv_url, &[("authorization", &auth)])
             .await
             .unwrap_or_else(|e| panic!("GET {csv_url}: {e}"));
@@ -1309,7 +825,7 @@ async fn demo_prints_a_working_curl_line_and_stops_on_sigterm() {
         assert_eq!(r.header("x-convocore-region"), Some("na"));
     }
 
-    demo.signal("-TERM");
+    demo.send_signal("-TERM");
     demo.expect_exit_0(Duration::from_secs(20), "the demo after SIGTERM")
         .await;
     drop(held);
@@ -1320,10 +836,7 @@ async fn demo_prints_a_working_curl_line_and_stops_on_sigterm() {
 #[tokio::test(flavor = "multi_thread")]
 async fn log_lines_during_a_request_carry_its_request_id() {
     let (eu, na) = mocks().await;
-    let mut gw = Running::start(&eu, &na, |c| {
-        c.log = "format = \"json\"\nlevel = \"info\"\n".into();
-    })
-    .await;
+    let mut gw = GatewayProcess::start(&eu, &na, log_format("json")).await;
     let r = gw
         .get(
             "/v3/agents/agent-na-unmapped/convos/c1/export",
@@ -1336,11 +849,7 @@ async fn log_lines_during_a_request_carry_its_request_id() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-convocore-region"), Some("na"));
     let (stdout, _) = gw.stop_with("-TERM").await;
-    let lines: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = gw.proc.stdout_json();
     let discovered = lines
         .iter()
         .find(|v| v["message"] == "discovered the agent's region")
@@ -1363,15 +872,7 @@ async fn log_lines_during_a_request_carry_its_request_id() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_the_client_abandons_is_logged_and_counted_as_499() {
     use tokio::io::AsyncWriteExt;
-    let (eu, na) = mocks().await;
-    eu.set_faults(Faults {
-        delay: Duration::from_secs(2),
-        ..Default::default()
-    });
-    let mut gw = Running::start(&eu, &na, |c| {
-        c.log = "format = \"json\"\nlevel = \"info\"\n".into();
-    })
-    .await;
+    let (mut gw, eu, _na) = with_slow_eu(Duration::from_secs(2), log_format("json")).await;
     let mut stream = tokio::net::TcpStream::connect(gw.api).await.unwrap();
     let request = format!(
         "GET /v3/agents/agent-eu/convos/c1/export HTTP/1.1\r\nhost: gw\r\n\
@@ -1407,9 +908,10 @@ async fn a_request_the_client_abandons_is_logged_and_counted_as_499() {
         "{metrics}"
     );
     let (stdout, _) = gw.stop_with("-TERM").await;
-    let access: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    let access: Vec<serde_json::Value> = gw
+        .proc
+        .stdout_json()
+        .into_iter()
         .filter(|v| v["request_id"] == "cli-gone-1")
         .collect();
     assert_eq!(access.len(), 1, "exactly one access line:\n{stdout}");

@@ -1,6 +1,7 @@
 //! The test harness: mock EU and NA Convocore regions on loopback, the real gateway on
 //! `127.0.0.1:0` in front of them, token minting with the fixture keys, and a small client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+pub mod process;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
