@@ -926,3 +926,98 @@ async fn a_request_the_client_abandons_is_logged_and_counted_as_499() {
     );
     assert_eq!(eu.request_count(), 1);
 }
+
+/// `SIGHUP` reloads the config file in the running binary (it used to end the process): a
+/// `[teams]` change and the log level apply to the next request, a changed listen address is
+/// logged and waits for a restart, an invalid file is refused and counted, and the process
+/// goes on until SIGTERM ends it with 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_config_and_keeps_running() {
+    let (eu, na) = mocks().await;
+    let mut gw = GatewayProcess::start(&eu, &na, |c| {
+        c.set("log.format", "json").set("log.level", "warn");
+    })
+    .await;
+    let auth = bearer(&token("team-a"));
+    let get = |gw: &GatewayProcess| {
+        let auth = auth.clone();
+        let url = gw.api_url(EXPORT_EU);
+        async move {
+            try_send(
+                &http_client(),
+                Method::GET,
+                &url,
+                &[("authorization", &auth)],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(get(&gw).await.status, 200);
+    let access_lines = |gw: &GatewayProcess| {
+        gw.proc
+            .stdout_json()
+            .iter()
+            .filter(|l| l["target"] == "access")
+            .count()
+    };
+    assert_eq!(access_lines(&gw), 0, "level warn: no access line");
+
+    // teams now refuse team-a for EU, the level is info, and the listen address moves.
+    let mut text = gw.config.render();
+    text.push_str("\n[teams]\nteam-a = { agents = [\"agent-na\"] }\n");
+    let text = text
+        .replace("level = \"warn\"", "level = \"info\"")
+        .replace(
+            &format!("\nlisten = \"{}\"", gw.api),
+            "\nlisten = \"127.0.0.1:1\"",
+        );
+    std::fs::write(&gw.config_path, &text).unwrap();
+    gw.proc.send_signal("-HUP");
+    gw.proc
+        .wait_for_line(QUICK, "the reload", |l| {
+            l.contains("configuration reloaded")
+        })
+        .await;
+    assert!(gw.proc.exited().is_none(), "SIGHUP ended the process");
+    let r = get(&gw).await;
+    assert_eq!(r.status, 403, "the new [teams]: {}", r.text());
+    gw.proc
+        .wait_for_line(QUICK, "an access line at info", |l| {
+            l.contains("\"target\":\"access\"") && l.contains("\"status\":403")
+        })
+        .await;
+    gw.proc
+        .wait_for_line(QUICK, "the listen warning", |l| {
+            l.contains("server.listen changed") && l.contains("127.0.0.1:1")
+        })
+        .await;
+
+    // An invalid file: refused, logged with its key and file, counted; the process goes on.
+    std::fs::write(
+        &gw.config_path,
+        text.replace("[cache]", "[cache]\nmax_byte = 3"),
+    )
+    .unwrap();
+    gw.proc.send_signal("-HUP");
+    let line = gw
+        .proc
+        .wait_for_line(QUICK, "the refusal", |l| {
+            l.contains("configuration reload refused")
+        })
+        .await;
+    assert!(line.contains("cache.max_byte"), "{line}");
+    assert!(line.contains("config.toml"), "{line}");
+    assert_no_secrets("the refusal line", &line, &[]);
+    assert_eq!(get(&gw).await.status, 403, "the last good config stays");
+    let metrics = gw.admin_get("/metrics").await.text();
+    for line in [
+        r#"convocore_gateway_config_reloads_total{result="ok"} 1"#,
+        r#"convocore_gateway_config_reloads_total{result="error"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    let (out, err) = gw.stop_with("-TERM").await;
+    assert_no_secrets("stdout", &out, &[]);
+    assert_no_secrets("stderr", &err, &[]);
+}
