@@ -79,7 +79,7 @@ async fn purge<B>(
         .auth
         .verify(req.headers())
         .await
-        .map_err(ApiError::Unauthorized)?;
+        .map_err(ApiError::from)?;
     if !caller.has_scope(PURGE_SCOPE) {
         return Err(ApiError::Forbidden(format!(
             "the token's scope does not hold {PURGE_SCOPE}"

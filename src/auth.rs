@@ -19,7 +19,7 @@ use std::str::FromStr;
 
 use self::sources::{load_source, Context, Source};
 use crate::config::{Config, ConfigError};
-use crate::error::{ApiError, AuthFailure};
+use crate::error::{ApiError, AuthFailure, VerifyError};
 
 /// Verified tokens remembered at once, and for how long at most (never past a token's `exp`).
 const VERIFIED_CAPACITY: u64 = 100_000;
@@ -159,7 +159,7 @@ impl Auth {
 
     /// Verifies the bearer token in `headers` and names the calling team. A token seen before
     /// costs a hash and a lookup; a new one, a signature check.
-    pub async fn verify(&self, headers: &HeaderMap) -> Result<Arc<Caller>, AuthFailure> {
+    pub async fn verify(&self, headers: &HeaderMap) -> Result<Arc<Caller>, VerifyError> {
         let token = bearer(headers)?;
         let digest = digest(token);
         if let Some(hit) = self.verified.0.get(&digest).await {
@@ -178,9 +178,11 @@ impl Auth {
         &self,
         token: &str,
         digest: [u8; 32],
-    ) -> Result<Arc<Caller>, AuthFailure> {
+    ) -> Result<Arc<Caller>, VerifyError> {
         let verified = match self.verify_token(token) {
-            Err(AuthFailure::UnknownKey) if self.refetch_for_unknown_kid().await => {
+            Err(VerifyError::Refused(AuthFailure::UnknownKey))
+                if self.refetch_for_unknown_kid().await =>
+            {
                 self.verify_token(token)?
             }
             other => other?,
@@ -193,7 +195,7 @@ impl Auth {
 
     /// Verifies without the verified-token cache: the cost of a token seen for the first time
     /// (benchmarks compare the two).
-    pub fn verify_uncached(&self, headers: &HeaderMap) -> Result<Arc<Caller>, AuthFailure> {
+    pub fn verify_uncached(&self, headers: &HeaderMap) -> Result<Arc<Caller>, VerifyError> {
         Ok(self.verify_token(bearer(headers)?)?.caller)
     }
 
@@ -223,27 +225,24 @@ impl Auth {
         refetched
     }
 
-    fn verify_token(&self, token: &str) -> Result<Verified, AuthFailure> {
+    fn verify_token(&self, token: &str) -> Result<Verified, VerifyError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| header_failure(token))?;
         if let Some(typ) = &header.typ {
             // RFC 7515 §4.1.9: the `application/` prefix may be left out, and is equivalent.
             let typ = strip_prefix_ignore_case(typ, "application/");
             if !typ.eq_ignore_ascii_case("JWT") && !typ.eq_ignore_ascii_case("at+jwt") {
-                return Err(AuthFailure::Malformed("typ must be JWT or at+jwt"));
+                return Err(AuthFailure::Malformed("typ must be JWT or at+jwt").into());
             }
         }
         if header.crit.is_some() {
-            return Err(AuthFailure::Malformed(
-                "crit header parameters are not supported",
-            ));
+            return Err(AuthFailure::Malformed("crit header parameters are not supported").into());
         }
         let mut validation = self.validation.clone();
         validation.algorithms = vec![header.alg];
         let mut tried = false;
+        let mut stale = false;
         for (index, source) in self.sources.iter().enumerate() {
-            if !source.usable() {
-                continue;
-            }
+            let usable = source.usable();
             let version = source.keys.version();
             let keys = source.keys.load();
             for key in keys.iter() {
@@ -253,6 +252,11 @@ impl Auth {
                 // A token with a kid is tried only against the key with that kid; one without,
                 // against every key of its alg.
                 if header.kid.is_some() && key.kid != header.kid {
+                    continue;
+                }
+                if !usable {
+                    // A key that would be tried, but is past max_stale.
+                    stale = true;
                     continue;
                 }
                 tried = true;
@@ -278,16 +282,18 @@ impl Auth {
                     }
                     Err(e) => {
                         if let Some(failure) = claim_failure(e.kind()) {
-                            return Err(refine(failure, token));
+                            return Err(refine(failure, token).into());
                         }
                     }
                 }
             }
         }
         if tried {
-            Err(AuthFailure::BadSignature)
+            Err(AuthFailure::BadSignature.into())
+        } else if stale {
+            Err(VerifyError::KeysStale)
         } else {
-            Err(AuthFailure::UnknownKey)
+            Err(AuthFailure::UnknownKey.into())
         }
     }
 

@@ -6,7 +6,7 @@
 //! never contain a token, secret or key; internal detail stays in `source` for the log.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
@@ -69,6 +69,32 @@ impl AuthFailure {
     }
 }
 
+/// Why a token did not verify: the caller's fault (401), or keys known to match it have gone
+/// past `max_stale` because the identity provider is unreachable (503: not the caller's fault).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyError {
+    Refused(AuthFailure),
+    KeysStale,
+}
+
+impl From<AuthFailure> for VerifyError {
+    fn from(f: AuthFailure) -> Self {
+        VerifyError::Refused(f)
+    }
+}
+
+impl From<VerifyError> for ApiError {
+    fn from(e: VerifyError) -> Self {
+        match e {
+            VerifyError::Refused(f) => ApiError::Unauthorized(f),
+            VerifyError::KeysStale => ApiError::Unavailable {
+                issue: "the keys for this token are past max_stale (the identity provider is unreachable); try again later",
+                retry_after: 30,
+            },
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("bad request: {0}")]
@@ -84,6 +110,12 @@ pub enum ApiError {
     Forbidden(String),
     #[error("upstream: {0}")]
     Upstream(#[from] UpstreamError),
+    /// The gateway cannot answer now, through no fault of the caller: 503 with `Retry-After`.
+    #[error("unavailable: {issue}")]
+    Unavailable {
+        issue: &'static str,
+        retry_after: u64,
+    },
     /// The gateway's own fault (never Convocore's): 500.
     #[error("internal: {0}")]
     Internal(&'static str),
@@ -103,6 +135,7 @@ impl ApiError {
                 | UpstreamError::TooLarge
                 | UpstreamError::Protocol(_),
             ) => StatusCode::BAD_GATEWAY,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -136,6 +169,7 @@ impl ApiError {
                 "bad upstream response",
                 Some("the Convocore region sent an invalid response"),
             ),
+            ApiError::Unavailable { issue, .. } => ("service unavailable", Some(issue)),
             ApiError::Internal(_) => ("internal error", None),
         }
     }
@@ -152,6 +186,10 @@ impl ApiError {
             ApiError::Unauthorized(failure) => {
                 resp.headers_mut()
                     .insert(WWW_AUTHENTICATE, www_authenticate(*failure));
+            }
+            ApiError::Unavailable { retry_after, .. } => {
+                resp.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(*retry_after));
             }
             _ => {}
         }

@@ -46,7 +46,7 @@ async fn export<B>(
         .auth
         .verify(req.headers())
         .await
-        .map_err(ApiError::Unauthorized)?;
+        .map_err(ApiError::from)?;
     let allowed = policy.auth.authorize(&caller, &export.agent);
     access.caller = Some(caller);
     allowed?;

@@ -338,6 +338,18 @@ fn auth_failures(reason: &str) -> String {
 }
 
 /// A gateway-made 401 with the contract's shape and `WWW-Authenticate: Bearer`.
+/// A token whose keys are past `max_stale`: `503 SERVICE_UNAVAILABLE` with `Retry-After`.
+fn assert_stale_503(r: &Resp, what: &str) {
+    r.assert_error(503, "SERVICE_UNAVAILABLE");
+    let retry: u64 = r
+        .header("retry-after")
+        .unwrap_or_else(|| panic!("{what}: no Retry-After: {:?}", r.headers))
+        .parse()
+        .unwrap();
+    assert!(retry >= 1, "{what}: Retry-After {retry}");
+    assert!(r.header("www-authenticate").is_none(), "{what}: not a 401");
+}
+
 fn assert_401(r: &Resp, what: &str) {
     assert_eq!(r.status, 401, "{what}: {}", r.text());
     r.assert_error(401, "UNAUTHORIZED");
@@ -846,21 +858,27 @@ async fn outage_longer_than_max_stale(mode: Mode) {
         "{mode:?}: still ready after max_stale"
     );
     // Past max_stale the stale keys stop verifying: new tokens, and the token verified before.
-    assert_401(
+    // The caller is not at fault: 503 with Retry-After, as the contract says, not 401.
+    assert_stale_503(
         &gw.get(EXPORT_EU, &rsa1_token()).await,
         "a new token past max_stale",
     );
-    assert_401(
+    assert_stale_503(
         &gw.get(EXPORT_EU, &cached).await,
         "the cached token past max_stale",
     );
-    assert_401(
+    assert_stale_503(
         &gw.get(
             EXPORT_EU,
             &mint(Algorithm::ES256, Some("ec-1"), &fresh("billing")),
         )
         .await,
         "an ES256 token past max_stale",
+    );
+    // A kid the key set never had is still the caller's fault.
+    assert_401(
+        &gw.get(EXPORT_EU, &rsa2_token()).await,
+        "an unknown kid past max_stale",
     );
     assert_eq!(gw.eu.request_count(), 2);
     let text = metrics_text(&gw).await;

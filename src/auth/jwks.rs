@@ -119,6 +119,8 @@ struct State {
     last_unknown_kid_fetch: Option<Instant>,
     last_failure_log: Option<Instant>,
     failures_unlogged: u64,
+    /// Whether the keys were logged as past `max_stale` (and not yet as usable again).
+    expired: bool,
 }
 
 impl RemoteJwks {
@@ -235,8 +237,18 @@ impl RemoteJwks {
             }
             Err(error) => {
                 self.metrics.fetches.with_label_values(&["error"]).inc();
+                let max_stale = self.settings().max_stale;
                 let mut state = self.state();
-                state.failing_since.get_or_insert_with(Instant::now);
+                let since = *state.failing_since.get_or_insert_with(Instant::now);
+                if state.last_success.is_some() && !state.expired && since.elapsed() > max_stale {
+                    state.expired = true;
+                    tracing::error!(
+                        url = %self.url,
+                        %error,
+                        failing_for = since.elapsed().as_secs(),
+                        "JWKS keys are past max_stale: tokens they verify get 503 and the gateway is not ready until a fetch succeeds"
+                    );
+                }
                 let due = state
                     .last_failure_log
                     .is_none_or(|t| t.elapsed() >= FAILURE_LOG_INTERVAL);
@@ -256,6 +268,10 @@ impl RemoteJwks {
     }
 
     fn succeeded(&self) {
+        let was_expired = std::mem::take(&mut self.state().expired);
+        if was_expired {
+            tracing::info!(url = %self.url, "JWKS fetched again: its keys verify tokens again");
+        }
         self.metrics.fetches.with_label_values(&["ok"]).inc();
         self.metrics.last_success.set(crate::metrics::unix_now());
     }
