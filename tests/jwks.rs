@@ -1335,3 +1335,41 @@ async fn a_reload_warms_a_new_jwks_url_and_keeps_a_known_one() {
     done.store(true, Ordering::Relaxed);
     assert!(probes.await.unwrap() > 10);
 }
+
+/// An IdP whose RSA keys carry no `alg` (common) serves RS256 and PS256 through two
+/// `[[auth.keys]]` entries on one `jwks_url`: both share one fetcher, so the IdP sees one
+/// fetch at start and one early refetch for a flood of unknown kids, not one per entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_entries_on_one_url_share_one_fetcher() {
+    let mut rsa = fixture_jwk("rsa-1");
+    rsa.as_object_mut().unwrap().remove("alg");
+    let idp = JwksServer::start(&jwks_of(&[rsa])).await;
+    let url = idp.url();
+    let gw = Arc::new(
+        Gateway::start_with(TestConfig {
+            keys: format!(
+                "[[auth.keys]]\njwks_url = \"{url}\"\nalgorithm = \"RS256\"\nrefresh = \"1h\"\n\
+                 [[auth.keys]]\njwks_url = \"{url}\"\nalgorithm = \"PS256\"\nrefresh = \"1h\"\n"
+            ),
+            upstream: idp.upstream(),
+            ..TestConfig::default()
+        })
+        .await,
+    );
+    wait_ready(&gw).await;
+    for alg in [Algorithm::RS256, Algorithm::PS256] {
+        let t = mint(alg, Some("rsa-1"), &fresh("billing"));
+        assert_200(&gw.get(EXPORT_EU, &t).await, &format!("{alg:?}"));
+    }
+    assert_eq!(idp.requests(), 1, "one fetch at start for both entries");
+
+    idp.set_delay(Duration::from_millis(300));
+    let statuses = unknown_kid_flood(&gw, 30).await;
+    assert!(statuses.iter().all(|s| *s == 401));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        idp.requests(),
+        2,
+        "one early refetch for the URL, not one per entry"
+    );
+}

@@ -44,8 +44,9 @@ pub struct Fetchers {
     map: Mutex<HashMap<FetcherKey, Weak<RemoteJwks>>>,
 }
 
-/// A fetcher's identity: its URL and the algorithm its keys are pinned to.
-type FetcherKey = (String, Option<Algorithm>);
+/// A fetcher's identity: its URL. Entries that pin its keys to different algorithms (RSA keys
+/// without `alg` serve RS256 and PS256) share it, so the IdP sees one fetch per URL.
+type FetcherKey = String;
 
 impl Fetchers {
     pub fn new(metrics: JwksMetrics) -> Fetchers {
@@ -55,7 +56,8 @@ impl Fetchers {
         }
     }
 
-    /// The running fetcher for `url`, reconfigured, or a new one (its first fetch starts now).
+    /// The running fetcher for `url`, reconfigured, or a new one (its first fetch starts now),
+    /// with the document's keys pinned to `pinned`.
     pub fn get_or_start(
         &self,
         url: Uri,
@@ -63,8 +65,8 @@ impl Fetchers {
         origin: Arc<Origin>,
         refresh: Duration,
         max_stale: Duration,
-    ) -> Arc<RemoteJwks> {
-        let key = (url.to_string(), pinned);
+    ) -> (Arc<RemoteJwks>, Arc<Watched<Vec<Key>>>) {
+        let key = url.to_string();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(jwks) = map.get(&key).and_then(Weak::upgrade) {
             *jwks.settings() = Settings {
@@ -72,19 +74,18 @@ impl Fetchers {
                 refresh,
                 max_stale,
             };
-            return jwks;
+            let keys = jwks.keys_for(pinned);
+            return (jwks, keys);
         }
-        let jwks = RemoteJwks::start(
-            url,
-            pinned,
-            origin,
-            refresh,
-            max_stale,
-            self.metrics.clone(),
-        );
+        let jwks = RemoteJwks::new(url, origin, refresh, max_stale, self.metrics.clone());
+        // The view exists before the first fetch, which fills it.
+        let keys = jwks.keys_for(pinned);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(follow(Arc::downgrade(&jwks)));
+        }
         map.retain(|_, w| w.strong_count() > 0);
         map.insert(key, Arc::downgrade(&jwks));
-        jwks
+        (jwks, keys)
     }
 }
 
@@ -95,11 +96,18 @@ struct Settings {
     max_stale: Duration,
 }
 
-pub struct RemoteJwks {
-    url: Uri,
+type Keys = Arc<Watched<Vec<Key>>>;
+
+/// The keys of one document as one `[[auth.keys]]` entry sees them: pinned to its algorithm.
+struct View {
     pinned: Option<Algorithm>,
     /// The last good key set (empty until the first fetch succeeds).
-    pub keys: Arc<Watched<Vec<Key>>>,
+    keys: Weak<Watched<Vec<Key>>>,
+}
+
+pub struct RemoteJwks {
+    url: Uri,
+    views: Mutex<Vec<View>>,
     settings: Mutex<Settings>,
     metrics: JwksMetrics,
     state: Mutex<State>,
@@ -124,19 +132,16 @@ struct State {
 }
 
 impl RemoteJwks {
-    /// Starts following `url`: the first fetch begins at once, in the background.
-    fn start(
+    fn new(
         url: Uri,
-        pinned: Option<Algorithm>,
         origin: Arc<Origin>,
         refresh: Duration,
         max_stale: Duration,
         metrics: JwksMetrics,
     ) -> Arc<RemoteJwks> {
-        let jwks = Arc::new(RemoteJwks {
+        Arc::new(RemoteJwks {
             url,
-            pinned,
-            keys: Watched::fixed(Vec::new()),
+            views: Mutex::new(Vec::new()),
             settings: Mutex::new(Settings {
                 origin,
                 refresh,
@@ -145,11 +150,7 @@ impl RemoteJwks {
             metrics,
             state: Mutex::new(State::default()),
             fetching: tokio::sync::Mutex::new(()),
-        });
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(follow(Arc::downgrade(&jwks)));
-        }
-        jwks
+        })
     }
 
     pub fn url(&self) -> &Uri {
@@ -158,6 +159,30 @@ impl RemoteJwks {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The document's keys pinned to `pinned`: kept up to date by every fetch, and made at
+    /// once from the last good document when this fetcher has one.
+    pub fn keys_for(&self, pinned: Option<Algorithm>) -> Arc<Watched<Vec<Key>>> {
+        let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        views.retain(|v| v.keys.strong_count() > 0);
+        if let Some(keys) = views
+            .iter()
+            .find(|v| v.pinned == pinned)
+            .and_then(|v| v.keys.upgrade())
+        {
+            return keys;
+        }
+        let document = self.state().last_document.clone();
+        let initial = document
+            .and_then(|doc| parse_jwks(&doc, pinned, &self.url.to_string()).ok())
+            .unwrap_or_default();
+        let keys = Watched::fixed(initial);
+        views.push(View {
+            pinned,
+            keys: Arc::downgrade(&keys),
+        });
+        keys
     }
 
     fn settings(&self) -> std::sync::MutexGuard<'_, Settings> {
@@ -211,20 +236,9 @@ impl RemoteJwks {
                 return true;
             }
         }
-        let result = body.and_then(|body| {
-            parse_jwks(&body, self.pinned, &self.url.to_string()).map(|keys| (keys, body))
-        });
+        let result = body.and_then(|body| self.store_views(&body).map(|()| body));
         match result {
-            Ok((keys, body)) => {
-                let old: BTreeSet<String> = kids(&self.keys.load());
-                let new: BTreeSet<String> = kids(&keys);
-                let first = self.state().last_success.is_none();
-                if first || old != new {
-                    let added: Vec<&String> = new.difference(&old).collect();
-                    let removed: Vec<&String> = old.difference(&new).collect();
-                    tracing::info!(url = %self.url, keys = keys.len(), ?added, ?removed, "JWKS key set changed");
-                }
-                self.keys.store(keys);
+            Ok(body) => {
                 {
                     let mut state = self.state();
                     state.last_success = Some(Instant::now());
@@ -265,6 +279,36 @@ impl RemoteJwks {
                 false
             }
         }
+    }
+
+    /// Parses `document` for every view; any view it does not load for keeps its keys and
+    /// fails the fetch (nothing is half-replaced: all views are parsed before any is stored).
+    fn store_views(&self, document: &Bytes) -> Result<(), String> {
+        let views: Vec<(Option<Algorithm>, Keys)> = {
+            let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
+            views.retain(|v| v.keys.strong_count() > 0);
+            views
+                .iter()
+                .filter_map(|v| v.keys.upgrade().map(|k| (v.pinned, k)))
+                .collect()
+        };
+        let url = self.url.to_string();
+        let mut parsed = Vec::with_capacity(views.len());
+        for (pinned, keys) in &views {
+            parsed.push((parse_jwks(document, *pinned, &url)?, keys));
+        }
+        let first = self.state().last_success.is_none();
+        for (new_keys, keys) in parsed {
+            let old: BTreeSet<String> = kids(&keys.load());
+            let new: BTreeSet<String> = kids(&new_keys);
+            if first || old != new {
+                let added: Vec<&String> = new.difference(&old).collect();
+                let removed: Vec<&String> = old.difference(&new).collect();
+                tracing::info!(url = %self.url, keys = new_keys.len(), ?added, ?removed, "JWKS key set changed");
+            }
+            keys.store(new_keys);
+        }
+        Ok(())
     }
 
     fn succeeded(&self) {

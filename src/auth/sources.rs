@@ -168,7 +168,7 @@ pub fn load_source(
             .origins
             .origin(&uri, cx.connector)
             .map_err(|m| err("jwks_url", m))?;
-        let remote = cx.fetchers.get_or_start(
+        let (remote, keys) = cx.fetchers.get_or_start(
             uri,
             alg,
             origin,
@@ -177,7 +177,7 @@ pub fn load_source(
         );
         return Ok(Source {
             describe: format!("jwks_url {url}"),
-            keys: remote.keys.clone(),
+            keys,
             remote: Some(remote),
         });
     }
