@@ -148,7 +148,20 @@ impl Auth {
     pub fn describe(&self) -> Vec<String> {
         self.sources
             .iter()
-            .map(|s| format!("{} ({} keys loaded)", s.describe, s.keys.load().len()))
+            .map(|s| {
+                let keys = s.keys.load();
+                let kids: Vec<&str> = keys.iter().filter_map(|k| k.kid()).collect();
+                if kids.is_empty() {
+                    format!("{} ({} keys loaded)", s.describe, keys.len())
+                } else {
+                    format!(
+                        "{} ({} keys loaded: {})",
+                        s.describe,
+                        keys.len(),
+                        kids.join(", ")
+                    )
+                }
+            })
             .collect()
     }
 

@@ -343,6 +343,14 @@ impl Cache {
         self.store.load().is_some()
     }
 
+    /// moka's pending housekeeping (evictions, expirations): run on a timer, so that evicted
+    /// bodies are freed soon after they are replaced, not at the next `/metrics` scrape.
+    pub async fn maintain(&self) {
+        if let Some(store) = self.store.load_full() {
+            store.maintain().await;
+        }
+    }
+
     /// Entries and weighted bytes, after moka's pending housekeeping.
     pub async fn usage(&self) -> (u64, u64) {
         match self.store.load_full() {

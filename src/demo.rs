@@ -15,6 +15,9 @@ use crate::{reload, State};
 
 pub const DEMO_ISSUER: &str = "https://demo.convocore-gateway.invalid";
 pub const DEMO_AUDIENCE: &str = "convocore-gateway";
+/// The demo's admin port: not 9090, Prometheus's own default, so a local Prometheus and the
+/// demo can run side by side.
+pub const DEMO_ADMIN_PORT: u16 = 9190;
 
 /// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410); the 32 key bytes follow.
 const ED25519_SPKI_PREFIX: [u8; 12] = [
@@ -53,8 +56,11 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error>> {
     )
     .await?;
 
-    let listeners =
-        bind_or_any(([127, 0, 0, 1], 8080).into(), ([127, 0, 0, 1], 9090).into()).await?;
+    let listeners = bind_or_any(
+        ([127, 0, 0, 1], 8080).into(),
+        ([127, 0, 0, 1], DEMO_ADMIN_PORT).into(),
+    )
+    .await?;
     let api = listeners.api.local_addr()?;
     let admin = listeners.admin.local_addr()?;
     let config_text = format!(

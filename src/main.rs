@@ -30,7 +30,12 @@ struct Cli {
 enum Command {
     /// Validate the configuration (files readable, keys parse, token sources present), print a
     /// summary, and exit.
-    CheckConfig,
+    CheckConfig {
+        /// Also fetch every `jwks_url` now and report its keys (else they are fetched at
+        /// start, and reported as 0 keys loaded here).
+        #[arg(long)]
+        fetch: bool,
+    },
     /// Run the gateway on loopback in front of an embedded mock Convocore, with a demo key.
     Demo,
 }
@@ -63,7 +68,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             None => run(&cli.config).await,
-            Some(Command::CheckConfig) => check_config(&cli.config),
+            Some(Command::CheckConfig { fetch }) => check_config(&cli.config, fetch).await,
             Some(Command::Demo) => convocore_gateway::demo::run()
                 .await
                 .map_err(|e| Failure::Other(format!("demo: {e}"))),
@@ -142,10 +147,28 @@ async fn run(path: &std::path::Path) -> Result<(), Failure> {
         .map_err(|e| Failure::Other(e.to_string()))
 }
 
-fn check_config(path: &std::path::Path) -> Result<(), Failure> {
+/// How long `check-config --fetch` waits for every `jwks_url`.
+const FETCH_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+async fn check_config(path: &std::path::Path, fetch: bool) -> Result<(), Failure> {
     let config = Config::load(path)?;
     let state = State::build(config)?;
     let policy = state.policy();
+    if fetch {
+        let deadline = tokio::time::Instant::now() + FETCH_WAIT;
+        while !policy.auth.ready() {
+            if tokio::time::Instant::now() >= deadline {
+                for key in policy.auth.describe() {
+                    eprintln!("  key           {key}");
+                }
+                return Err(Failure::Other(format!(
+                    "check-config --fetch: a jwks_url could not be fetched within {}s",
+                    FETCH_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
     let c = &policy.config;
     println!("{}: OK", path.display());
     println!(

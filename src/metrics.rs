@@ -18,8 +18,8 @@ use crate::domain::{CacheStatus, RegionId};
 /// Request durations: cache hits take tens of microseconds, misses are bounded by the 30 s
 /// default `request_timeout`; the buckets are dense below a millisecond and reach 30 s.
 const REQUEST_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0, 30.0,
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 /// Upstream exchanges: a loopback or in-region round trip is a few ms, a large export seconds.
 const UPSTREAM_BUCKETS: &[f64] = &[

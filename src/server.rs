@@ -71,6 +71,7 @@ pub async fn run_with(
     limits: Limits,
 ) -> std::io::Result<()> {
     let follow = tokio::spawn(reload::follow_file(Arc::downgrade(&state)));
+    let maintain = tokio::spawn(maintain_cache(Arc::downgrade(&state)));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -113,6 +114,7 @@ pub async fn run_with(
 
     state.begin_shutdown();
     follow.abort();
+    maintain.abort();
     drop(api);
     let grace = state.policy().config.server.shutdown_grace;
     tracing::info!(
@@ -138,6 +140,20 @@ pub async fn run_with(
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_conns.graceful.shutdown()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often the cache's pending housekeeping runs.
+const MAINTENANCE: Duration = Duration::from_secs(1);
+
+/// Runs the cache's housekeeping every [`MAINTENANCE`] until the state is dropped.
+async fn maintain_cache(state: std::sync::Weak<State>) {
+    let mut tick = tokio::time::interval(MAINTENANCE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(state) = state.upgrade() else { return };
+        state.cache.maintain().await;
+    }
 }
 
 /// An accept error (e.g. out of file descriptors) must not end the server: pause and go on.

@@ -1373,3 +1373,44 @@ async fn two_entries_on_one_url_share_one_fetcher() {
         "one early refetch for the URL, not one per entry"
     );
 }
+
+/// `check-config` reports a `jwks_url` as not fetched yet; `check-config --fetch` fetches it
+/// and names its keys (the real binary).
+#[tokio::test(flavor = "multi_thread")]
+async fn check_config_fetch_reports_the_jwks_keys() {
+    use common::process::{check_config_cmd, run_to_end};
+    let idp = JwksServer::start(&fixture_jwks()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, UPSTREAM_TOKEN).unwrap();
+    let text = idp.config("1h", "1h").render(
+        "http://127.0.0.1:9/v3",
+        "http://127.0.0.1:9/v3",
+        &token_file,
+    );
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text).unwrap();
+
+    let plain = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || run_to_end(&mut check_config_cmd(&path)))
+    }
+    .await
+    .unwrap();
+    assert_eq!(plain.code, Some(0), "{}", plain.all());
+    assert!(plain.stdout.contains("(0 keys loaded)"), "{}", plain.stdout);
+
+    let fetched =
+        tokio::task::spawn_blocking(move || run_to_end(check_config_cmd(&path).arg("--fetch")))
+            .await
+            .unwrap();
+    assert_eq!(fetched.code, Some(0), "{}", fetched.all());
+    assert!(
+        fetched
+            .stdout
+            .contains("(4 keys loaded: rsa-1, ec-1, ec384-1, ed-1)"),
+        "{}",
+        fetched.stdout
+    );
+    assert!(idp.requests() >= 1);
+}

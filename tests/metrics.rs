@@ -467,6 +467,14 @@ async fn every_contract_metric_is_present_with_its_type_and_labels() {
             assert_eq!(keys, want, "labels of {name}");
         }
     }
+    // A cache hit takes tens of microseconds: the request histogram has buckets below 100 µs.
+    let low: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("convocore_gateway_request_duration_seconds_bucket{"))
+        .filter_map(|l| l.split("le=\"").nth(1)?.split('"').next())
+        .filter(|le| le.parse::<f64>().is_ok_and(|v| v < 0.0001))
+        .collect();
+    assert!(low.len() >= 3 * 5, "buckets below 100 µs: {low:?}");
     // Both reload results exist from the start; the configuration in force was loaded at start.
     for result in ["ok", "error"] {
         assert_eq!(

@@ -119,6 +119,10 @@ impl Memory {
         next
     }
 
+    pub async fn maintain(&self) {
+        self.moka.run_pending_tasks().await;
+    }
+
     /// Entries and weighted bytes, after moka's pending housekeeping.
     pub async fn usage(&self) -> (u64, u64) {
         self.moka.run_pending_tasks().await;
