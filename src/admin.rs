@@ -20,6 +20,9 @@ pub async fn handle<B>(
     state: Arc<State>,
     req: Request<B>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if crate::http::target_len(req.uri()) > crate::http::MAX_TARGET {
+        return Ok(ApiError::UriTooLong.into_response());
+    }
     let path = req.uri().path();
     if let Some(ids) = path.strip_prefix(PURGE_PREFIX) {
         if let Some((agent, convo)) = ids.split_once("/convos/") {

@@ -101,6 +101,9 @@ pub enum ApiError {
     BadRequest(&'static str),
     #[error("not found")]
     NotFound,
+    /// The request target is over 8 KiB.
+    #[error("request target too long")]
+    UriTooLong,
     /// The method is not allowed on this path; the value is the `Allow` header.
     #[error("method not supported")]
     MethodNotSupported(&'static str),
@@ -126,6 +129,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::UriTooLong => StatusCode::URI_TOO_LONG,
             ApiError::MethodNotSupported(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -143,6 +147,10 @@ impl ApiError {
     fn message_and_issue(&self) -> (&str, Option<&str>) {
         match self {
             ApiError::BadRequest(issue) => ("invalid request", Some(issue)),
+            ApiError::UriTooLong => (
+                "request target too long",
+                Some("the path and query may be at most 8 KiB"),
+            ),
             ApiError::NotFound => (
                 "no such route",
                 Some("the API serves GET /v3/agents/{agentId}/convos/{convoId}/export"),
@@ -221,6 +229,8 @@ pub fn code_for(status: StatusCode) -> &'static str {
         404 => "NOT_FOUND",
         405 => "METHOD_NOT_SUPPORTED",
         413 => "PAYLOAD_TOO_LARGE",
+        // The contract's codes have none for these; the caller sent something it must not.
+        414 | 431 => "BAD_REQUEST",
         429 => "TOO_MANY_REQUESTS",
         502 => "BAD_GATEWAY",
         503 => "SERVICE_UNAVAILABLE",

@@ -19,6 +19,9 @@ use crate::error::ApiError;
 use crate::state::{Policy, State};
 use crate::upstream::{Fault, X_REQUEST_ID};
 
+/// The longest request target (path and query) accepted: `414` past it.
+pub const MAX_TARGET: usize = 8 * 1024;
+
 /// The API listener's service: never fails, every error becomes a response.
 pub async fn handle<B>(
     state: Arc<State>,
@@ -40,6 +43,9 @@ async fn export<B>(
     req: &Request<B>,
     access: &mut Access<'_>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
+    if target_len(req.uri()) > MAX_TARGET {
+        return Err(ApiError::UriTooLong);
+    }
     let export = route::parse(req.method(), req.uri())?;
     let export = access.export.insert(export);
     let caller = policy
@@ -94,4 +100,9 @@ async fn export<B>(
         access.upstream = Some(answer.response.elapsed);
     }
     Ok(respond::export(answer))
+}
+
+/// The length of a request's target (path and query), as the client sent it.
+pub fn target_len(uri: &http::Uri) -> usize {
+    uri.path_and_query().map_or(0, |p| p.as_str().len())
 }

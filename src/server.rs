@@ -11,16 +11,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 
-use self::connections::Connections;
+use self::connections::{Connections, Protocols};
 use crate::state::State;
 use crate::{admin, http, reload};
 
 /// Connections held open at once per listener; past this, new connections are closed at once.
 const MAX_CONNECTIONS: usize = 10_000;
 const MAX_ADMIN_CONNECTIONS: usize = 1024;
+/// The largest request head (`431` past it; HTTP/2: the header list). Also what HTTP/1.1
+/// buffers at most per connection while a head arrives. Targets are capped separately, at
+/// [`crate::http::MAX_TARGET`].
+pub const MAX_HEAD: usize = 64 * 1024;
 
 /// Limits of the listeners that are not configuration (the contract fixes them); tests shorten
 /// the timeouts.
@@ -72,26 +75,30 @@ pub async fn run_with(
 ) -> std::io::Result<()> {
     let follow = tokio::spawn(reload::follow_file(Arc::downgrade(&state)));
     let maintain = tokio::spawn(maintain_cache(Arc::downgrade(&state)));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
+        .max_header_size(MAX_HEAD)
+        .max_buf_size(MAX_HEAD + 16 * 1024)
         .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_concurrent_streams(256)
+        .max_header_list_size(MAX_HEAD as u32)
         .keep_alive_interval(Duration::from_secs(30));
-    let api_conns = Connections::new("API", builder, MAX_CONNECTIONS, limits.header_timeout);
-    let mut admin_builder = auto::Builder::new(TokioExecutor::new()).http1_only();
-    admin_builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+    let api_conns = Connections::new(
+        "API",
+        Protocols {
+            h1: h1.clone(),
+            h2: Some(h2),
+        },
+        MAX_CONNECTIONS,
+        limits.header_timeout,
+    );
+    // The admin listener speaks HTTP/1.1 only.
     let admin_conns = Connections::new(
         "admin",
-        admin_builder,
+        Protocols { h1, h2: None },
         MAX_ADMIN_CONNECTIONS,
         limits.header_timeout,
     );
