@@ -17,9 +17,6 @@ use self::connections::{Connections, Protocols};
 use crate::state::State;
 use crate::{admin, http, reload};
 
-/// Connections held open at once per listener; past this, new connections are closed at once.
-const MAX_CONNECTIONS: usize = 10_000;
-const MAX_ADMIN_CONNECTIONS: usize = 1024;
 /// The largest request head (`431` past it; HTTP/2: the header list). Also what HTTP/1.1
 /// buffers at most per connection while a head arrives. Targets are capped separately, at
 /// [`crate::http::MAX_TARGET`].
@@ -33,12 +30,21 @@ pub struct Limits {
     /// accept, TLS handshake included), and how long an HTTP/1.1 connection may sit idle
     /// between requests.
     pub header_timeout: Duration,
+    /// The same on the admin listener: short, since probes and scrapes send at once and a
+    /// held-open idle connection only takes room from them.
+    pub admin_header_timeout: Duration,
+    /// Connections held open at once on the API listener and on the admin listener.
+    pub max_connections: usize,
+    pub max_admin_connections: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             header_timeout: Duration::from_secs(10),
+            admin_header_timeout: Duration::from_secs(2),
+            max_connections: 10_000,
+            max_admin_connections: 1024,
         }
     }
 }
@@ -81,6 +87,8 @@ pub async fn run_with(
         .max_header_size(MAX_HEAD)
         .max_buf_size(MAX_HEAD + 16 * 1024)
         .keep_alive(true);
+    let mut admin_h1 = h1.clone();
+    admin_h1.header_read_timeout(limits.admin_header_timeout);
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_concurrent_streams(256)
@@ -88,19 +96,19 @@ pub async fn run_with(
         .keep_alive_interval(Duration::from_secs(30));
     let api_conns = Connections::new(
         "API",
-        Protocols {
-            h1: h1.clone(),
-            h2: Some(h2),
-        },
-        MAX_CONNECTIONS,
+        Protocols { h1, h2: Some(h2) },
+        limits.max_connections,
         limits.header_timeout,
     );
     // The admin listener speaks HTTP/1.1 only.
     let admin_conns = Connections::new(
         "admin",
-        Protocols { h1, h2: None },
-        MAX_ADMIN_CONNECTIONS,
-        limits.header_timeout,
+        Protocols {
+            h1: admin_h1,
+            h2: None,
+        },
+        limits.max_admin_connections,
+        limits.admin_header_timeout,
     );
     let Listeners { api, admin } = listeners;
 
@@ -110,10 +118,10 @@ pub async fn run_with(
             accepted = api.accept() => if let Some(stream) = accepted_or_pause(accepted).await {
                 // TLS as the configuration in force says, for each new connection.
                 let tls = state.policy().tls.as_ref().map(|t| t.acceptor.clone());
-                api_conns.serve(&state, stream, tls, http::handle);
+                api_conns.serve(&state, stream, tls, http::handle).await;
             },
             accepted = admin.accept() => if let Some(stream) = accepted_or_pause(accepted).await {
-                admin_conns.serve(&state, stream, None, admin::handle);
+                admin_conns.serve(&state, stream, None, admin::handle).await;
             },
             _ = &mut shutdown => break,
         }
@@ -139,7 +147,7 @@ pub async fn run_with(
                 break;
             }
             accepted = admin.accept() => if let Some(stream) = accepted_or_pause(accepted).await {
-                admin_conns.serve(&state, stream, None, admin::handle);
+                admin_conns.serve(&state, stream, None, admin::handle).await;
             },
         }
     }

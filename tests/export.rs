@@ -1112,7 +1112,10 @@ async fn request_heads_have_10s_and_idle_keep_alive_connections_are_closed() {
     let scaled = |d: Duration| d.mul_f64(T.as_secs_f64() / 10.0);
     let gw = Gateway::start_with(TestConfig {
         upstream: "request_timeout = \"30s\"\n".into(),
-        header_timeout: Some(T),
+        limits: Some(convocore_gateway::Limits {
+            header_timeout: T,
+            ..Default::default()
+        }),
         ..Default::default()
     })
     .await;

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use convocore_gateway::Limits;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -144,4 +145,154 @@ async fn http2_header_lists_over_64_kib_are_refused() {
         Err(e) => assert!(!e.to_string().is_empty(), "refused: {e}"),
     }
     assert_eq!(gw.eu.request_count(), 1);
+}
+
+fn capped(max_connections: usize, max_admin_connections: usize) -> TestConfig {
+    TestConfig {
+        limits: Some(convocore_gateway::Limits {
+            // Long, so that only the cap closes the idle connections here.
+            header_timeout: Duration::from_secs(30),
+            admin_header_timeout: Duration::from_secs(30),
+            max_connections,
+            max_admin_connections,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Opens `n` connections that send nothing.
+async fn idle_flood(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        conns.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // Let the gateway accept them all.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    conns
+}
+
+/// Idle connections past a listener's cap do not lock out health checks or callers: at the
+/// cap the longest-idle connection is closed to make room for the new one.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_flood_does_not_lock_out_probes_or_callers() {
+    let gw = Gateway::start_with(capped(30, 20)).await;
+    let _admin_flood = idle_flood(gw.admin, 40).await;
+    let _api_flood = idle_flood(gw.addr, 50).await;
+    for i in 0..10 {
+        let r = gw.admin(http::Method::GET, "/healthz", &[]).await;
+        assert_eq!(r.status, 200, "probe {i}: {}", r.text());
+        let r = gw.admin(http::Method::GET, "/readyz", &[]).await;
+        assert_eq!(r.status, 200, "probe {i}: {}", r.text());
+    }
+    let token = token("billing");
+    for i in 0..5 {
+        let r = raw(
+            gw.addr,
+            &get_with(EXPORT_EU, &token, "connection: close\r\n"),
+        )
+        .await;
+        assert!(
+            r.starts_with("HTTP/1.1 200"),
+            "caller {i}: {}",
+            &r[..r.len().min(200)]
+        );
+    }
+}
+
+/// The oldest idle connection is the one closed; busy connections are never closed to make
+/// room, and when every connection is busy the newcomer is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_connections_are_never_evicted() {
+    let gw = std::sync::Arc::new(Gateway::start_with(capped(3, 3)).await);
+    gw.eu.set_faults(convocore_gateway::testing::mock::Faults {
+        delay: Duration::from_millis(1500),
+        ..Default::default()
+    });
+    let token = token("billing");
+    let mut busy = Vec::new();
+    for _ in 0..3 {
+        let addr = gw.addr;
+        let request = get_with(EXPORT_EU, &token, "connection: close\r\n");
+        busy.push(tokio::spawn(async move { raw(addr, &request).await }));
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            gw.eu.request_count() == 3
+        })
+        .await,
+        "three requests in progress"
+    );
+    // A fourth connection finds every slot busy: it is closed without an answer.
+    let refused = raw(gw.addr, &get_with(EXPORT_EU, &token, "")).await;
+    assert_eq!(refused, "", "the newcomer was served: {refused}");
+    for b in busy {
+        let r = b.await.unwrap();
+        assert!(
+            r.starts_with("HTTP/1.1 200"),
+            "a busy connection was cut: {r}"
+        );
+    }
+    assert_eq!(gw.eu.request_count(), 3);
+
+    // Now an idle one (connected first) and a newer idle one: at the cap the older goes.
+    let mut older = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut newer = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _third = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.eu.set_faults(Default::default());
+    let r = raw(
+        gw.addr,
+        &get_with(EXPORT_EU, &token, "connection: close\r\n"),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{}", &r[..r.len().min(200)]);
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(2), older.read(&mut byte)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the longest-idle connection stayed: {closed:?}"
+    );
+    let open = tokio::time::timeout(Duration::from_millis(300), newer.read(&mut byte)).await;
+    assert!(
+        open.is_err(),
+        "a newer idle connection was closed first: {open:?}"
+    );
+}
+
+/// The admin listener closes idle connections quickly (2 s by default; shortened here).
+#[tokio::test]
+async fn the_admin_listener_has_a_short_idle_timeout() {
+    let gw = Gateway::start_with(TestConfig {
+        limits: Some(convocore_gateway::Limits {
+            admin_header_timeout: Duration::from_millis(400),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut conn = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let end = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the idle admin connection was not closed");
+    assert!(started.elapsed() >= Duration::from_millis(350));
+    assert_eq!(
+        Limits::default().admin_header_timeout,
+        Duration::from_secs(2)
+    );
 }

@@ -5,13 +5,18 @@
 //! The protocol is chosen here rather than by hyper-util's auto builder so that hyper's own
 //! HTTP/1 builder can be used, with its exact request-head limit (`max_header_size`: a `431`
 //! for a head over it, which its buffer limit alone enforces only roughly).
+//!
+//! At the cap, the connection idle the longest (no request in progress) is closed to make room
+//! for the new one, as Envoy's overload manager does: idle clients cannot lock out health
+//! checks or real callers. Refusals are logged at most once a second, with a count.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,7 +30,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::state::State;
 
@@ -38,6 +44,9 @@ pub struct Protocols {
     pub h2: Option<http2::Builder<TokioExecutor>>,
 }
 
+/// How long a new connection at the cap waits for the slot an evicted idle one frees.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
 /// The connections of one listener: how they are served, watched for the drain, and capped.
 pub struct Connections {
     name: &'static str,
@@ -46,6 +55,113 @@ pub struct Connections {
     slots: Arc<Semaphore>,
     /// How long the first request head may take, from the accept (TLS included).
     header_timeout: Duration,
+    open: Arc<Open>,
+    refusals: Throttled,
+}
+
+/// The open connections, for eviction at the cap.
+#[derive(Default)]
+struct Open {
+    next_id: AtomicU64,
+    map: Mutex<HashMap<u64, Arc<Activity>>>,
+}
+
+/// One connection's activity: requests in progress, and when the last one ended (or the
+/// connection opened), for "idle the longest".
+struct Activity {
+    in_progress: AtomicUsize,
+    idle_since: Mutex<Instant>,
+    close: Notify,
+}
+
+impl Open {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Activity>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self) -> (u64, Arc<Activity>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let activity = Arc::new(Activity {
+            in_progress: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            close: Notify::new(),
+        });
+        self.lock().insert(id, activity.clone());
+        (id, activity)
+    }
+
+    /// Asks the connection idle the longest to close; whether there was one.
+    fn evict_longest_idle(&self) -> bool {
+        let map = self.lock();
+        let oldest = map
+            .values()
+            .filter(|a| a.in_progress.load(Ordering::Acquire) == 0)
+            .min_by_key(|a| *a.idle_since.lock().unwrap_or_else(|p| p.into_inner()));
+        match oldest {
+            Some(activity) => {
+                activity.close.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Removes the connection from [`Open`] when its task ends.
+struct Registered {
+    open: Arc<Open>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.open.lock().remove(&self.id);
+    }
+}
+
+/// Marks a request in progress on its connection until dropped.
+struct InProgress(Arc<Activity>);
+
+impl InProgress {
+    fn start(activity: &Arc<Activity>) -> InProgress {
+        activity.in_progress.fetch_add(1, Ordering::AcqRel);
+        InProgress(activity.clone())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.in_progress.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A warning logged at most once a second, with how many were not logged.
+#[derive(Default)]
+struct Throttled {
+    /// Milliseconds since `start` of the last line, plus one (0: never).
+    last: AtomicU64,
+    suppressed: AtomicU64,
+    start: std::sync::OnceLock<Instant>,
+}
+
+impl Throttled {
+    /// Whether to log now, and how many were suppressed since the last line.
+    fn due(&self) -> Option<u64> {
+        let start = *self.start.get_or_init(Instant::now);
+        let now = start.elapsed().as_millis() as u64 + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 1000)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
 }
 
 impl Connections {
@@ -61,12 +177,31 @@ impl Connections {
             graceful: GracefulShutdown::new(),
             slots: Arc::new(Semaphore::new(max)),
             header_timeout,
+            open: Arc::new(Open::default()),
+            refusals: Throttled::default(),
         }
     }
 
+    /// A slot for a new connection: a free one, or, at the cap, the one the connection idle
+    /// the longest gives up (waiting at most [`EVICTION_WAIT`]). `None`: every connection is
+    /// busy.
+    async fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        if !self.open.evict_longest_idle() {
+            return None;
+        }
+        tokio::time::timeout(EVICTION_WAIT, self.slots.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+
     /// Serves one accepted connection (after a TLS handshake when `tls` is set) in its own
-    /// task, with `handle` as the service; past the cap, the connection is closed at once.
-    pub fn serve<H, F>(
+    /// task, with `handle` as the service; at the cap, the longest-idle connection makes room,
+    /// and when every connection is busy the new one is closed at once.
+    pub async fn serve<H, F>(
         &self,
         state: &Arc<State>,
         stream: TcpStream,
@@ -76,12 +211,20 @@ impl Connections {
         H: Fn(Arc<State>, Request<Incoming>) -> F + Copy + Send + Sync + 'static,
         F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
     {
-        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                listener = self.name,
-                "connection limit reached; closing a new connection"
-            );
+        let Some(permit) = self.slot().await else {
+            if let Some(suppressed) = self.refusals.due() {
+                tracing::warn!(
+                    listener = self.name,
+                    suppressed,
+                    "connection limit reached with every connection busy; closing new connections"
+                );
+            }
             return;
+        };
+        let (id, activity) = self.open.add();
+        let registered = Registered {
+            open: self.open.clone(),
+            id,
         };
         let state = state.clone();
         let protocols = self.protocols.clone();
@@ -93,44 +236,57 @@ impl Connections {
         let deadline = tokio::time::Instant::now() + self.header_timeout;
         tokio::spawn(async move {
             let _permit = permit;
+            let _registered = registered;
             let first = Arc::new(AtomicBool::new(false));
             let seen = first.clone();
+            let requests = activity.clone();
             let service = service_fn(move |req| {
                 if !seen.load(Ordering::Relaxed) {
                     seen.store(true, Ordering::Relaxed);
                 }
-                handle(state.clone(), req)
-            });
-            let served = match tls {
-                None => {
-                    let conn = Conn {
-                        protocols: &protocols,
-                        watcher,
-                        deadline,
-                        first: &first,
-                    };
-                    conn.serve(stream, None, service).await
+                let in_progress = InProgress::start(&requests);
+                let response = handle(state.clone(), req);
+                async move {
+                    let response = response.await;
+                    drop(in_progress);
+                    response
                 }
-                Some(acceptor) => {
-                    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                            let conn = Conn {
-                                protocols: &protocols,
-                                watcher,
-                                deadline,
-                                first: &first,
-                            };
-                            conn.serve(stream, Some(h2), service).await
+            });
+
+            let serving = async move {
+                match tls {
+                    None => {
+                        let conn = Conn {
+                            protocols: &protocols,
+                            watcher,
+                            deadline,
+                            first: &first,
+                        };
+                        conn.serve(stream, None, service).await
+                    }
+                    Some(acceptor) => {
+                        match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => {
+                                let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                                let conn = Conn {
+                                    protocols: &protocols,
+                                    watcher,
+                                    deadline,
+                                    first: &first,
+                                };
+                                conn.serve(stream, Some(h2), service).await
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(listener = name, error = %e, "TLS handshake failed");
+                                Served::Ended(Ok(()))
+                            }
+                            Err(_) => Served::TimedOut,
                         }
-                        Ok(Err(e)) => {
-                            tracing::debug!(listener = name, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
                     }
                 }
             };
+            // Eviction at the cap can come at any point: TLS, protocol choice, between requests.
+            let served = unless_evicted(&activity, serving).await;
             match served {
                 Served::Ended(Err(e)) => {
                     tracing::debug!(listener = name, error = %e, "connection ended with an error");
@@ -139,6 +295,12 @@ impl Connections {
                     tracing::debug!(
                         listener = name,
                         "no request head in time; connection closed"
+                    );
+                }
+                Served::Evicted => {
+                    tracing::debug!(
+                        listener = name,
+                        "idle the longest at the connection cap; closed to make room"
                     );
                 }
                 Served::Ended(Ok(())) => {}
@@ -151,6 +313,8 @@ enum Served {
     Ended(Result<(), hyper::Error>),
     /// No request reached the service by the deadline.
     TimedOut,
+    /// Closed, idle, to make room at the cap.
+    Evicted,
 }
 
 /// One connection being set up.
@@ -271,6 +435,22 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Drives `serving` until it ends or the connection is asked to make room while idle (a
+/// request that started meanwhile is let finish: the notice is ignored then).
+async fn unless_evicted(activity: &Activity, serving: impl Future<Output = Served>) -> Served {
+    tokio::pin!(serving);
+    loop {
+        tokio::select! {
+            served = &mut serving => return served,
+            () = activity.close.notified() => {
+                if activity.in_progress.load(Ordering::Acquire) == 0 {
+                    return Served::Evicted;
+                }
+            }
+        }
     }
 }
 

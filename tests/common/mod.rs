@@ -61,8 +61,8 @@ pub struct TestConfig {
     pub na_region: String,
     /// Override the region URLs (e.g. a TLS mock): (eu, na).
     pub region_urls: Option<(String, String)>,
-    /// The listeners' header timeout (the contract's 10 s unless a test shortens it).
-    pub header_timeout: Option<Duration>,
+    /// The listeners' limits, when a test shortens or lowers them.
+    pub limits: Option<Limits>,
 }
 
 impl Default for TestConfig {
@@ -80,7 +80,7 @@ impl Default for TestConfig {
             extra: String::new(),
             na_region: String::new(),
             region_urls: None,
-            header_timeout: None,
+            limits: None,
         }
     }
 }
@@ -257,11 +257,7 @@ impl Gateway {
         let text = config.render(&eu.base_url(), &na.base_url(), &token_file);
         let path = dir.path().join("config.toml");
         std::fs::write(&path, &text).unwrap();
-        let limits = Limits {
-            header_timeout: config
-                .header_timeout
-                .unwrap_or(Limits::default().header_timeout),
-        };
+        let limits = config.limits.unwrap_or_default();
         let config = Config::load(&path).unwrap_or_else(|e| panic!("config: {e}\n{text}"));
         let state = State::build(config).unwrap_or_else(|e| panic!("state: {e}"));
         let listeners = Listeners::bind(([127, 0, 0, 1], 0).into(), ([127, 0, 0, 1], 0).into())
@@ -287,7 +283,11 @@ impl Gateway {
             state,
             shutdown: Some(tx),
             task: Some(task),
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new())
+                // Below the admin listener's 2 s idle timeout, as a well-behaved client keeps it:
+                // a connection the server may be closing is not reused.
+                .pool_idle_timeout(Duration::from_secs(1))
+                .build_http(),
         }
     }
 

@@ -440,7 +440,11 @@ pub fn free_ports() -> (u16, u16) {
 pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 pub fn http_client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build_http()
+    Client::builder(TokioExecutor::new())
+        // Below the admin listener's 2 s idle timeout, as a well-behaved client keeps it:
+        // a connection the server may be closing is not reused.
+        .pool_idle_timeout(Duration::from_secs(1))
+        .build_http()
 }
 
 /// A request that may fail (connection refused, timeout after 15 s) instead of panicking.
