@@ -21,6 +21,8 @@ use crate::{admin, http, reload};
 /// buffers at most per connection while a head arrives. Targets are capped separately, at
 /// [`crate::http::MAX_TARGET`].
 pub const MAX_HEAD: usize = 64 * 1024;
+/// What HTTP/2 buffers per stream beyond the peer's flow-control window.
+const MAX_SEND_BUF: usize = 64 * 1024;
 
 /// Limits of the listeners that are not configuration (the contract fixes them); tests shorten
 /// the timeouts.
@@ -36,6 +38,8 @@ pub struct Limits {
     /// Connections held open at once on the API listener and on the admin listener.
     pub max_connections: usize,
     pub max_admin_connections: usize,
+    /// A response that makes no write progress for this long has its connection closed.
+    pub send_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -45,6 +49,7 @@ impl Default for Limits {
             admin_header_timeout: Duration::from_secs(2),
             max_connections: 10_000,
             max_admin_connections: 1024,
+            send_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -93,12 +98,15 @@ pub async fn run_with(
     h2.timer(TokioTimer::new())
         .max_concurrent_streams(256)
         .max_header_list_size(MAX_HEAD as u32)
+        // What h2 buffers per stream beyond the peer's window (hyper's default is 400 KiB).
+        .max_send_buf_size(MAX_SEND_BUF)
         .keep_alive_interval(Duration::from_secs(30));
     let api_conns = Connections::new(
         "API",
         Protocols { h1, h2: Some(h2) },
         limits.max_connections,
         limits.header_timeout,
+        limits.send_timeout,
     );
     // The admin listener speaks HTTP/1.1 only.
     let admin_conns = Connections::new(
@@ -109,6 +117,7 @@ pub async fn run_with(
         },
         limits.max_admin_connections,
         limits.admin_header_timeout,
+        limits.send_timeout,
     );
     let Listeners { api, admin } = listeners;
 

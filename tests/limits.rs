@@ -155,6 +155,7 @@ fn capped(max_connections: usize, max_admin_connections: usize) -> TestConfig {
             admin_header_timeout: Duration::from_secs(30),
             max_connections,
             max_admin_connections,
+            ..Default::default()
         }),
         ..Default::default()
     }
@@ -295,4 +296,52 @@ async fn the_admin_listener_has_a_short_idle_timeout() {
         Limits::default().admin_header_timeout,
         Duration::from_secs(2)
     );
+}
+
+/// A response that makes no write progress for the send timeout (60 s; 1 s here) has its
+/// connection closed: a reader that stops reading cannot pin an export's memory.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reader_that_stops_reading_is_cut_off_after_the_send_timeout() {
+    const BODY: usize = 24 << 20;
+    let gw = Gateway::start_with(TestConfig {
+        limits: Some(Limits {
+            send_timeout: Duration::from_secs(1),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    gw.eu.set_faults(convocore_gateway::testing::mock::Faults {
+        oversize: Some((BODY, false)),
+        ..Default::default()
+    });
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(&get_with(EXPORT_EU, &token("billing"), ""))
+        .await
+        .unwrap();
+    // Read nothing while the gateway fills the socket buffers, then stalls.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = std::time::Instant::now();
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the stalled connection was never closed");
+    assert!(
+        total < BODY,
+        "the whole body arrived ({total} bytes): nothing was cut"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(Limits::default().send_timeout, Duration::from_secs(60));
+    // A reader that keeps reading gets everything.
+    let r = gw.get(EXPORT_EU, &token("billing")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), BODY);
 }

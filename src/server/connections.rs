@@ -55,6 +55,8 @@ pub struct Connections {
     slots: Arc<Semaphore>,
     /// How long the first request head may take, from the accept (TLS included).
     header_timeout: Duration,
+    /// How long a write may make no progress before the connection is closed.
+    send_timeout: Duration,
     open: Arc<Open>,
     refusals: Throttled,
 }
@@ -170,6 +172,7 @@ impl Connections {
         protocols: Protocols,
         max: usize,
         header_timeout: Duration,
+        send_timeout: Duration,
     ) -> Self {
         Connections {
             name,
@@ -177,6 +180,7 @@ impl Connections {
             graceful: GracefulShutdown::new(),
             slots: Arc::new(Semaphore::new(max)),
             header_timeout,
+            send_timeout,
             open: Arc::new(Open::default()),
             refusals: Throttled::default(),
         }
@@ -234,6 +238,7 @@ impl Connections {
         // handshake and protocol choice included (hyper's header_read_timeout starts only
         // once HTTP/1 is chosen, so a connection that sends nothing would be held forever).
         let deadline = tokio::time::Instant::now() + self.header_timeout;
+        let stream = SendTimeout::new(stream, self.send_timeout);
         tokio::spawn(async move {
             let _permit = permit;
             let _registered = registered;
@@ -384,6 +389,99 @@ async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<(bool, Bytes)> {
         filled == H2_PREFACE.len(),
         Bytes::copy_from_slice(&buf[..filled]),
     ))
+}
+
+/// Closes a connection whose writes make no progress for `timeout` (nginx's `send_timeout`):
+/// a reader that stops reading (a zero window, 1 byte a second) cannot pin a response's memory
+/// for long. Reads are untouched (the head and idle timeouts cover them).
+pub struct SendTimeout<I> {
+    io: I,
+    timeout: Duration,
+    /// Set while a write waits: when it fires, the write fails and hyper closes the connection.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> SendTimeout<I> {
+    pub fn new(io: I, timeout: Duration) -> Self {
+        SendTimeout {
+            io,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// `Ready(err)` once a stalled write has waited `timeout`; `Pending` (with the timer's
+    /// waker set) before.
+    fn stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let timeout = self.timeout;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no write progress within the send timeout",
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn progress<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Ready(r) => {
+                self.stalled = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.stall(cx).map(Err),
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for SendTimeout<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for SendTimeout<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.progress(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.progress(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.progress(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// An IO that first gives back bytes already read from it.
