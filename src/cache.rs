@@ -44,15 +44,15 @@ pub enum Mode {
 impl Mode {
     pub fn from_headers(headers: &HeaderMap) -> Mode {
         let mut mode = Mode::Normal;
+        // As bytes: a value with a non-ASCII byte elsewhere still says what it says.
         for value in headers.get_all(CACHE_CONTROL) {
-            let Ok(value) = value.to_str() else { continue };
-            for directive in value.split(',') {
-                let directive = directive.trim();
-                if directive.eq_ignore_ascii_case("no-store") {
+            for directive in value.as_bytes().split(|b| *b == b',') {
+                let directive = directive.trim_ascii();
+                if directive.eq_ignore_ascii_case(b"no-store") {
                     return Mode::Bypass;
                 }
-                if directive.eq_ignore_ascii_case("no-cache")
-                    || directive.eq_ignore_ascii_case("max-age=0")
+                if directive.eq_ignore_ascii_case(b"no-cache")
+                    || directive.eq_ignore_ascii_case(b"max-age=0")
                 {
                     mode = Mode::Refresh;
                 }
@@ -439,6 +439,13 @@ mod tests {
         assert_eq!(Mode::from_headers(&cc("no-cache, no-store")), Mode::Bypass);
         assert_eq!(Mode::from_headers(&cc("max-age=0")), Mode::Refresh);
         assert_eq!(Mode::from_headers(&cc("max-age=60")), Mode::Normal);
+        // A non-ASCII byte elsewhere in the value does not hide a directive.
+        let mut h = HeaderMap::new();
+        h.insert(
+            CACHE_CONTROL,
+            HeaderValue::from_bytes(b"no-store, x=\"\xe9\"").unwrap(),
+        );
+        assert_eq!(Mode::from_headers(&h), Mode::Bypass);
     }
 
     #[test]

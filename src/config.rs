@@ -152,9 +152,10 @@ impl Config {
 }
 
 /// toml's `Display` quotes the offending source line, which may hold a secret pasted under a
-/// wrong key; say only what is wrong and where.
+/// wrong key; say only what is wrong and where. serde's own message may quote the offending
+/// value (`invalid type: string "..."`): quoted text is left out too.
 fn toml_message(text: &str, e: &toml::de::Error) -> String {
-    let message = e.message().trim().replace('\n', " ");
+    let message = redact_quoted(&e.message().trim().replace('\n', " "));
     match e.span() {
         Some(span) => {
             let before = &text[..span.start.min(text.len())];
@@ -164,6 +165,24 @@ fn toml_message(text: &str, e: &toml::de::Error) -> String {
         }
         None => message,
     }
+}
+
+/// `invalid type: string "s3cr3t", expected ...` to `invalid type: string "…", expected ...`.
+fn redact_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut inside = false;
+    for c in message.chars() {
+        if c == '"' {
+            if inside {
+                out.push('…');
+            }
+            inside = !inside;
+            out.push(c);
+        } else if !inside {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -271,6 +290,30 @@ mod tests {
     }
 
     #[test]
+    fn windows_and_leeway_have_upper_bounds() {
+        // Found by the property tests: these used to panic at start or on every token.
+        for (extra, key) in [
+            ("[auth]\nleeway = \"57y\"\n", "auth.leeway"),
+            ("[cache]\nttl = \"1001y\"\n", "cache.ttl"),
+            (
+                "[cache]\nttl = \"18446744073709551615s\"\nstale_if_error = \"1s\"\n",
+                "cache.ttl",
+            ),
+            (
+                "[cache]\nstale_while_revalidate = \"1000y\"\n",
+                "cache.stale_while_revalidate",
+            ),
+        ] {
+            let e = parse(&format!("{MINIMAL}\n{extra}")).unwrap_err();
+            assert_eq!(e.key, key, "{extra}");
+        }
+        assert!(parse(&format!(
+            "{MINIMAL}\n[cache]\nttl = \"30d\"\nstale_if_error = \"365d\"\n"
+        ))
+        .is_ok());
+    }
+
+    #[test]
     fn relative_files_resolve_against_the_config_folder() {
         let c = Config::parse(MINIMAL, Path::new("/etc/gw/config.toml")).unwrap();
         assert_eq!(
@@ -304,5 +347,12 @@ mod tests {
         assert!(!e.to_string().contains("s3cr3t-value"), "{e}");
         let e = parse("token = \"s3cr3t-value").unwrap_err();
         assert!(!e.to_string().contains("s3cr3t-value"), "{e}");
+        // Pasted into a table of names, where serde's message would quote the value.
+        for table in ["teams", "regions"] {
+            let e =
+                parse(&format!("{MINIMAL}\n[{table}]\ntoken = \"s3cr3t-value\"\n")).unwrap_err();
+            assert!(!e.to_string().contains("s3cr3t-value"), "{e}");
+            assert_eq!(e.key, format!("{table}.token"));
+        }
     }
 }

@@ -17,7 +17,8 @@ pub struct Windows {
 impl Windows {
     /// How long an entry is worth keeping at all: `ttl` plus the longer stale window.
     pub fn keep(&self) -> Duration {
-        self.ttl + self.stale_if_error.max(self.stale_while_revalidate)
+        self.ttl
+            .saturating_add(self.stale_if_error.max(self.stale_while_revalidate))
     }
 }
 

@@ -30,6 +30,9 @@ impl Default for Auth {
     }
 }
 
+/// The largest clock skew allowed on `exp` / `nbf`.
+const MAX_LEEWAY: Duration = Duration::from_secs(3600);
+
 /// One `[[auth.keys]]` entry: exactly one source.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +52,10 @@ pub struct Key {
 
 impl Auth {
     pub(super) fn validate(&self, c: &Config) -> Result<(), ConfigError> {
+        // Clock skew is seconds, not years (a leeway past the epoch broke every check).
+        if self.leeway > MAX_LEEWAY {
+            return Err(c.err("auth.leeway", "must be at most 1h"));
+        }
         if self.team_claim.is_empty() {
             return Err(c.err("auth.team_claim", "must not be empty"));
         }

@@ -6,6 +6,10 @@ use serde::Deserialize;
 
 use super::{size, Config, ConfigError};
 
+/// The longest freshness or stale window: a year (the store cannot keep entries past 1,000
+/// years, and a year is past any export's use).
+const MAX_WINDOW: Duration = Duration::from_secs(365 * 24 * 3600);
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Cache {
@@ -34,6 +38,15 @@ impl Default for Cache {
 
 impl Cache {
     pub(super) fn validate(&self, c: &Config) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("cache.ttl", self.ttl),
+            ("cache.stale_if_error", self.stale_if_error),
+            ("cache.stale_while_revalidate", self.stale_while_revalidate),
+        ] {
+            if value > MAX_WINDOW {
+                return Err(c.err(key, "must be at most 365d"));
+            }
+        }
         if self.enabled && self.max_bytes == 0 {
             return Err(c.err("cache.max_bytes", "must be greater than 0"));
         }
