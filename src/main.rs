@@ -40,6 +40,15 @@ enum Command {
     Demo,
 }
 
+/// jemalloc, not the system's malloc. Built with `oversize_threshold:131072`
+/// (`.cargo/config.toml`): a block of 128 KiB or more comes from jemalloc's oversize arena, whose
+/// pages go back to the system as soon as it is freed, so an evicted cache body does not stay
+/// resident (glibc's malloc kept them: a 64 MiB cache of 1 MiB exports grew to ~140 MiB).
+/// `_RJEM_MALLOC_CONF` changes jemalloc's options at run time. BENCHMARKS.md, "Allocator".
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit statuses: 0 fine, 2 configuration error, 1 any other failure.
 enum Failure {
     Config(ConfigError),
@@ -53,7 +62,6 @@ impl From<ConfigError> for Failure {
 }
 
 fn main() -> ExitCode {
-    tune_malloc();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -88,36 +96,6 @@ fn main() -> ExitCode {
         }
     }
 }
-
-/// glibc's malloc raises its mmap threshold each time a large block is freed, after which
-/// megabyte exports come from the heap and their memory stays with the process when the cache
-/// evicts them: a 64 MiB cache of 1 MiB exports grew to ~130 MiB resident. A fixed threshold
-/// keeps large bodies in their own mappings, returned to the system on eviction (~89 MiB).
-/// The variable is read when malloc starts, so the process re-executes itself once with it
-/// (same PID); an operator's own setting is left alone.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_malloc() {
-    use std::os::unix::process::CommandExt;
-    const VAR: &str = "MALLOC_MMAP_THRESHOLD_";
-    if std::env::var_os(VAR).is_some() {
-        return;
-    }
-    let Ok(exe) = std::env::current_exe() else {
-        return;
-    };
-    let mut args = std::env::args_os();
-    let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
-    let error = std::process::Command::new(&exe)
-        .arg0(arg0)
-        .args(args)
-        .env(VAR, "131072")
-        .exec();
-    // exec returns only when it failed: run as we are.
-    eprintln!("convocore-gateway: could not re-execute with {VAR} set ({error}); continuing");
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_malloc() {}
 
 async fn run(path: &std::path::Path) -> Result<(), Failure> {
     let config = Config::load(path)?;
