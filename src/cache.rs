@@ -29,7 +29,7 @@ use crate::clock;
 use crate::config;
 pub use crate::domain::CacheStatus;
 use crate::domain::Export;
-use crate::upstream::{Failed, Fault, Fetched};
+use crate::upstream::{Failed, Fault, Fetched, Wanted};
 
 /// What the caller's `Cache-Control` asks of the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,7 +184,7 @@ impl Cache {
         fetch: F,
     ) -> Result<Answer, Failed>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Wanted) -> Fut,
         Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
     {
         let mut entry = None;
@@ -215,15 +215,16 @@ impl Cache {
         entry: Option<(Arc<Fetched>, Freshness)>,
     ) -> Result<Answer, Failed>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Wanted) -> Fut,
         Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
     {
         if !settings.enabled || self.store.load().is_none() {
-            let fetched = fetch().await?;
+            // The caller's own future: it ends with the caller.
+            let fetched = fetch(Wanted::always()).await?;
             return Ok(forwarded(Arc::new(fetched), Detail::Disabled, true));
         }
         if mode == Mode::Bypass {
-            let fetched = fetch().await?;
+            let fetched = fetch(Wanted::always()).await?;
             return Ok(Answer {
                 response: Arc::new(fetched),
                 status: CacheStatus::Bypass,
@@ -238,7 +239,7 @@ impl Cache {
         match entry {
             Some((entry, Freshness::Revalidate { age, past })) => {
                 // Serve at once; one background refresh per key replaces the entry.
-                let _ = self.join_or_start(settings, key, fetch, true).await;
+                let _ = self.join_or_start(settings, key, fetch, true, true).await;
                 return Ok(Answer {
                     response: entry,
                     status: CacheStatus::Stale,
@@ -255,8 +256,11 @@ impl Cache {
         }
 
         let recheck = mode == Mode::Normal;
-        let (mut rx, leader) = match self.join_or_start(settings, key, fetch, recheck).await {
-            Joined::Flight(rx, leader) => (rx, leader),
+        let (mut rx, leader, _waiting) = match self
+            .join_or_start(settings, key, fetch, recheck, false)
+            .await
+        {
+            Joined::Flight(rx, leader, waiting) => (rx, leader, waiting),
             Joined::Fresh(entry, age, ttl_left) => return Ok(hit(entry, age, ttl_left)),
         };
         let result = match rx.wait_for(Option::is_some).await {
@@ -313,9 +317,10 @@ impl Cache {
         key: &Export,
         fetch: F,
         recheck: bool,
+        background: bool,
     ) -> Joined
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Wanted) -> Fut,
         Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
     {
         self.flights
@@ -323,6 +328,7 @@ impl Cache {
                 key,
                 fetch,
                 recheck.then_some(&settings.windows),
+                background,
                 &self.store,
                 &self.purges,
             )
@@ -501,7 +507,7 @@ mod tests {
 
     async fn get(cache: &Cache, s: &Settings, k: &Export, body: &'static str) -> Answer {
         cache
-            .get(s, k, Mode::Normal, || async move { Ok(fetched(body)) })
+            .get(s, k, Mode::Normal, |_| async move { Ok(fetched(body)) })
             .await
             .ok()
             .unwrap()
@@ -513,7 +519,7 @@ mod tests {
         let cache = Cache::new(&s);
         let key = key("c");
         let dead = cache
-            .get(&s, &key, Mode::Normal, || async {
+            .get(&s, &key, Mode::Normal, |_| async {
                 if key_is_cursed() {
                     panic!("the fetch task dies");
                 }
@@ -555,7 +561,7 @@ mod tests {
         );
 
         tokio::time::advance(Duration::from_secs(31)).await;
-        let failing = || async { Err(unreachable()) };
+        let failing = |_| async { Err(unreachable()) };
         let stale = cache.get(&s, &k, Mode::Normal, failing).await.ok().unwrap();
         assert_eq!(stale.status, CacheStatus::Stale);
         assert_eq!(stale.response.body, "v1");
@@ -568,7 +574,7 @@ mod tests {
             }
         );
         // An upstream 5xx is covered the same way, and says its status.
-        let five = || async { Ok(fetched_in("eu", StatusCode::BAD_GATEWAY, "down")) };
+        let five = |_| async { Ok(fetched_in("eu", StatusCode::BAD_GATEWAY, "down")) };
         let stale = cache.get(&s, &k, Mode::Normal, five).await.ok().unwrap();
         assert_eq!(
             stale.detail,
@@ -579,7 +585,7 @@ mod tests {
         );
 
         tokio::time::advance(Duration::from_secs(90)).await;
-        let failing = || async { Err(unreachable()) };
+        let failing = |_| async { Err(unreachable()) };
         assert!(cache.get(&s, &k, Mode::Normal, failing).await.is_err());
     }
 
@@ -621,7 +627,7 @@ mod tests {
                     &s,
                     &k,
                     Mode::Normal,
-                    move || async move { Ok(fetched(body)) },
+                    move |_| async move { Ok(fetched(body)) },
                 )
                 .await
                 .ok()
@@ -675,7 +681,7 @@ mod tests {
         let gated = |key: Export, gate: tokio::sync::oneshot::Receiver<()>| {
             let (cache, s) = (cache.clone(), s.clone());
             tokio::spawn(async move {
-                let fetch = move || async move {
+                let fetch = move |_| async move {
                     let _ = gate.await;
                     Ok(fetched("fetched"))
                 };

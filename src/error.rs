@@ -139,6 +139,7 @@ impl ApiError {
                 | UpstreamError::TooLarge
                 | UpstreamError::Protocol(_),
             ) => StatusCode::BAD_GATEWAY,
+            ApiError::Upstream(UpstreamError::Abandoned) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -172,6 +173,10 @@ impl ApiError {
             ApiError::Upstream(UpstreamError::TooLarge) => (
                 "upstream response too large",
                 Some("the export exceeds upstream.max_response_bytes"),
+            ),
+            ApiError::Upstream(UpstreamError::Abandoned) => (
+                "try again",
+                Some("a shared fetch was dropped as its other callers went away"),
             ),
             ApiError::Upstream(UpstreamError::Protocol(_)) => (
                 "bad upstream response",

@@ -59,14 +59,14 @@ async fn export<B>(
 
     let mode = Mode::from_headers(req.headers());
     // Called only when the cache must go upstream (it may run in a flight task of its own).
-    let fetch = || {
+    let fetch = |wanted| {
         let policy = policy.clone();
         let export: Export = export.clone();
         let request_id = access.request_id.clone();
         async move {
             policy
                 .upstream
-                .fetch(&policy.metrics, &export, &request_id)
+                .fetch(&policy.metrics, &export, &request_id, &wanted)
                 .await
         }
     };

@@ -24,7 +24,7 @@ use crate::config::{Config, ConfigError};
 use crate::domain::Export;
 use crate::metrics::{Resolved, UpstreamFailure};
 
-pub use self::pool::{Connector, Origins, SharedError};
+pub use self::pool::{Connector, Origins, SharedError, Wanted};
 pub use self::region::{RegionId, Regions};
 use self::routing::{Learned, Route, Router};
 
@@ -45,6 +45,9 @@ pub enum UpstreamError {
     TooLarge,
     #[error("protocol: {0}")]
     Protocol(#[source] SharedError),
+    /// Not sent: every caller of the fetch had gone before a connection was free.
+    #[error("not sent: every caller had gone")]
+    Abandoned,
 }
 
 impl UpstreamError {
@@ -121,25 +124,34 @@ impl Upstream {
     }
 
     /// Fetches an export from its agent's region; an agent of unknown region is discovered.
+    /// Nothing is sent once `wanted` says every caller has gone.
     pub async fn fetch(
         &self,
         metrics: &Resolved,
         export: &Export,
         request_id: &HeaderValue,
+        wanted: &Wanted,
     ) -> Result<Fetched, Failed> {
         match self
             .router
             .route(&export.agent, &self.learned, &self.regions)
             .await
         {
-            Route::Region(region) => self.fetch_from(metrics, region, export, request_id).await,
+            Route::Region(region) => {
+                self.fetch_from(metrics, region, export, request_id, wanted)
+                    .await
+            }
             Route::Discover => {
                 // The one fetch path that logs: its lines carry the request id through this
                 // span (a span costs ~1 µs, too much for every miss). Boxed: rare, and it
                 // would make every request's future larger.
                 let span =
                     tracing::info_span!("request", request_id = request_id.to_str().unwrap_or("-"));
-                Box::pin(self.discover(metrics, export, request_id).instrument(span)).await
+                Box::pin(
+                    self.discover(metrics, export, request_id, wanted)
+                        .instrument(span),
+                )
+                .await
             }
         }
     }
@@ -151,6 +163,7 @@ impl Upstream {
         id: RegionId,
         export: &Export,
         request_id: &HeaderValue,
+        wanted: &Wanted,
     ) -> Result<Fetched, Failed> {
         let Some(region) = self.regions.get(id) else {
             return Err(Failed {
@@ -159,12 +172,16 @@ impl Upstream {
             });
         };
         let started = Instant::now();
-        let result = client::exchange(&self.limits, region, export, request_id).await;
+        let result = client::exchange(&self.limits, region, export, request_id, wanted).await;
         let status = match &result {
-            Ok(f) => Ok(f.status),
-            Err(e) => Err(e.failure()),
+            Ok(f) => Some(Ok(f.status)),
+            // Nothing was sent: not an exchange.
+            Err(UpstreamError::Abandoned) => None,
+            Err(e) => Some(Err(e.failure())),
         };
-        metrics.record_upstream(id, status, started.elapsed());
+        if let Some(status) = status {
+            metrics.record_upstream(id, status, started.elapsed());
+        }
         result.map_err(|error| Failed {
             region: Some(region.header.clone()),
             fault: Fault::Upstream(error),
@@ -178,11 +195,14 @@ impl Upstream {
         metrics: &Resolved,
         export: &Export,
         request_id: &HeaderValue,
+        wanted: &Wanted,
     ) -> Result<Fetched, Failed> {
         let mut first_404: Option<Fetched> = None;
         let mut elapsed = Duration::ZERO;
         for &id in self.router.discovery_order() {
-            let mut fetched = self.fetch_from(metrics, id, export, request_id).await?;
+            let mut fetched = self
+                .fetch_from(metrics, id, export, request_id, wanted)
+                .await?;
             elapsed += fetched.elapsed;
             fetched.elapsed = elapsed;
             if fetched.status == StatusCode::NOT_FOUND {

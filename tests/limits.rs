@@ -345,3 +345,65 @@ async fn a_reader_that_stops_reading_is_cut_off_after_the_send_timeout() {
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), BODY);
 }
+
+/// Callers that are gone cost Convocore nothing: HTTP/2 streams reset while their fetches
+/// wait for an upstream connection (the pool holds at most 128 per origin) send nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_reset_before_their_fetch_starts_cause_no_upstream_request() {
+    const STREAMS: usize = 200;
+    let gw = Gateway::start_with(TestConfig {
+        cache: "enabled = true\nttl = \"5m\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let ids: Vec<String> = (0..STREAMS).map(|i| format!("r{i}")).collect();
+    let mut refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    refs.push("c1");
+    gw.eu.add_agent("agent-eu", &refs);
+    gw.eu.set_faults(convocore_gateway::testing::mock::Faults {
+        delay: Duration::from_millis(1500),
+        ..Default::default()
+    });
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let token = token("billing");
+    let mut streams = Vec::new();
+    for id in &ids {
+        let mut h2 = h2.clone();
+        let request = Request::get(gw.url(&format!("/v3/agents/agent-eu/convos/{id}/export")))
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        streams.push(tokio::spawn(async move { h2.send_request(request).await }));
+    }
+    // Every fetch has started or is waiting for a connection; then every caller goes away.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            gw.eu.request_count() >= 100
+        })
+        .await,
+        "the fetches did not start"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for s in &streams {
+        s.abort();
+    }
+    // The upstream answers the ones it has; the waiting ones then find nobody to answer.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sent = gw.eu.request_count();
+    assert!(
+        sent <= 128,
+        "{sent} upstream requests for {STREAMS} reset streams"
+    );
+    assert!(
+        gw.eu.connections() <= 128,
+        "{} upstream connections from one client connection",
+        gw.eu.connections()
+    );
+    // The pool is fine afterwards.
+    gw.eu.set_faults(Default::default());
+    assert_eq!(gw.get(EXPORT_EU, &token).await.status, 200);
+}

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use super::keys::{parse_jwks, Key};
 use crate::metrics::JwksMetrics;
-use crate::upstream::pool::Origin;
+use crate::upstream::pool::{Origin, Wanted};
 use crate::watch::Watched;
 
 /// An unknown `kid` triggers at most one early refetch per URL in this long.
@@ -332,7 +332,7 @@ impl RemoteJwks {
             .map_err(|e| e.to_string())?;
         let origin = self.settings().origin.clone();
         let exchange = async move {
-            let (response, conn) = origin.send(request).await.map_err(|e| {
+            let (response, conn) = origin.send(request, &Wanted::always()).await.map_err(|e| {
                 let mut s = e.to_string();
                 if let Some(source) = std::error::Error::source(&e) {
                     s.push_str(": ");

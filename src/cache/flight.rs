@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,45 +17,68 @@ use super::purge::Epochs;
 use super::store::Memory;
 use crate::clock;
 use crate::domain::Export;
-use crate::upstream::{Failed, Fetched};
+use crate::upstream::{Failed, Fetched, Wanted};
 
 /// A flight's outcome: the response and whether it was stored.
 pub type FlightResult = Result<(Arc<Fetched>, bool), Failed>;
 
 pub enum Joined {
-    /// Wait on this flight; `true` when this caller started it.
-    Flight(watch::Receiver<Option<FlightResult>>, bool),
+    /// Wait on this flight; `true` when this caller started it. The caller counts as waiting
+    /// for as long as it holds the [`Waiting`].
+    Flight(watch::Receiver<Option<FlightResult>>, bool, Waiting),
     /// A fresh entry appeared meanwhile: it, its age and its freshness left.
     Fresh(Arc<Fetched>, Duration, Duration),
 }
 
+/// One caller waiting on a flight, counted until dropped (answered, or gone): a flight whose
+/// every caller has gone sends nothing upstream (see [`Wanted`]).
+pub struct Waiting(Arc<AtomicUsize>);
+
+impl Waiting {
+    fn enter(waiters: &Arc<AtomicUsize>) -> Waiting {
+        waiters.fetch_add(1, Ordering::AcqRel);
+        Waiting(waiters.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A flight: its outcome to come, and how many callers wait for it.
+type Flight = (watch::Receiver<Option<FlightResult>>, Arc<AtomicUsize>);
+
 /// Fetches in flight. An async mutex: a caller that finds no flight re-reads the store while
 /// holding it, so a flight that completes in between is never started twice.
 #[derive(Default)]
-pub struct Flights(Arc<Mutex<HashMap<Export, watch::Receiver<Option<FlightResult>>>>>);
+pub struct Flights(Arc<Mutex<HashMap<Export, Flight>>>);
 
 impl Flights {
     /// Joins the fetch in flight for `key`, or starts one (then this caller leads). With
-    /// `recheck`, a fresh entry stored since the caller looked is returned instead.
+    /// `recheck`, a fresh entry stored since the caller looked is returned instead. A
+    /// `background` fetch (a stale-while-revalidate refresh) is wanted whoever waits.
     pub async fn join_or_start<F, Fut>(
         &self,
         key: &Export,
         fetch: F,
         recheck: Option<&Windows>,
+        background: bool,
         store: &Arc<ArcSwapOption<Memory>>,
         purges: &Arc<Epochs>,
     ) -> Joined
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Wanted) -> Fut,
         Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
     {
         let mut flights = self.0.lock().await;
-        if let Some(rx) = flights.get(key) {
+        if let Some((rx, waiters)) = flights.get(key) {
             // A flight whose task ended without answering (it cannot, short of a panic) must
             // not answer for the key forever: start a new one instead.
             let abandoned = rx.has_changed().is_err() && rx.borrow().is_none();
             if !abandoned {
-                return Joined::Flight(rx.clone(), false);
+                return Joined::Flight(rx.clone(), false, Waiting::enter(waiters));
             }
         }
         if let (Some(windows), Some(current)) = (recheck, store.load_full()) {
@@ -69,10 +93,17 @@ impl Flights {
             }
         }
         let (tx, rx) = watch::channel(None);
-        flights.insert(key.clone(), rx.clone());
+        let waiters = Arc::new(AtomicUsize::new(0));
+        let waiting = Waiting::enter(&waiters);
+        flights.insert(key.clone(), (rx.clone(), waiters.clone()));
         drop(flights);
 
-        let future = fetch();
+        let wanted = if background {
+            Wanted::always()
+        } else {
+            Wanted::while_waited(waiters)
+        };
+        let future = fetch(wanted);
         let store = store.clone();
         let flights = self.0.clone();
         let purges = purges.clone();
@@ -91,7 +122,7 @@ impl Flights {
             let _ = tx.send(Some(result));
         };
         tokio::spawn(task);
-        Joined::Flight(rx, true)
+        Joined::Flight(rx, true, waiting)
     }
 }
 

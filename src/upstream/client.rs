@@ -14,7 +14,7 @@ use http::{HeaderMap, Request};
 use http_body_util::{BodyExt, Empty};
 use tokio::time::Instant;
 
-use super::pool::PoolError;
+use super::pool::{PoolError, Wanted};
 use super::region::Region;
 use super::{Fetched, UpstreamError, PASSED_HEADERS, X_REQUEST_ID};
 use crate::clock;
@@ -34,6 +34,7 @@ pub async fn exchange(
     region: &Region,
     export: &Export,
     request_id: &HeaderValue,
+    wanted: &Wanted,
 ) -> Result<Fetched, UpstreamError> {
     let uri = format!(
         "{}/agents/{}/convos/{}/export?format={}",
@@ -58,7 +59,8 @@ pub async fn exchange(
     let max = limits.max_response_bytes;
     let origin = &region.origin;
     let exchange = async move {
-        let (response, conn) = origin.send(request).await.map_err(|e| match e {
+        let (response, conn) = origin.send(request, wanted).await.map_err(|e| match e {
+            PoolError::Abandoned => UpstreamError::Abandoned,
             PoolError::Connect(e) => UpstreamError::Unreachable(e),
             PoolError::Http(e) => UpstreamError::Protocol(Arc::new(e)),
         })?;

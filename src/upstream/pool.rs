@@ -33,8 +33,34 @@ use tokio::time::Instant;
 use crate::tls::client_config;
 use crate::watch::Watched;
 
+/// Whether anyone still waits for an exchange's answer: the callers of a shared fetch (none
+/// left: nothing is sent), or always (a background refresh, a JWKS fetch, a caller's own
+/// uncached request, whose future ends with the caller).
+#[derive(Clone, Debug, Default)]
+pub struct Wanted(Option<Arc<std::sync::atomic::AtomicUsize>>);
+
+impl Wanted {
+    pub fn always() -> Wanted {
+        Wanted(None)
+    }
+
+    /// Wanted while `waiters` is above zero.
+    pub fn while_waited(waiters: Arc<std::sync::atomic::AtomicUsize>) -> Wanted {
+        Wanted(Some(waiters))
+    }
+
+    pub fn still(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|w| w.load(std::sync::atomic::Ordering::Acquire) > 0)
+    }
+}
+
 /// Idle HTTP/1.1 connections kept per origin.
 pub const MAX_IDLE: usize = 256;
+/// Connections open at once per origin (a request beyond waits for one to come free); the
+/// shared HTTP/2 connection counts as one.
+pub const MAX_CONNECTIONS: usize = 128;
 /// How long an idle connection is kept.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -54,6 +80,9 @@ pub struct Connector {
 /// A failed exchange.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
+    /// Not sent: every caller had gone before a connection was free.
+    #[error("abandoned: every caller had gone")]
+    Abandoned,
     /// No connection: DNS, TCP connect, TLS handshake, `connect_timeout`.
     #[error("connect: {0}")]
     Connect(#[source] SharedError),
@@ -96,6 +125,14 @@ pub struct Origin {
     host_header: HeaderValue,
     connector: Connector,
     idle: Mutex<Idle>,
+    /// One permit per open connection.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Signalled when a connection goes back to the idle list.
+    released: tokio::sync::Notify,
+    /// Whether this origin speaks HTTP/2 (known after the first TLS handshake): then one
+    /// connect at a time, so that a GOAWAY does not set off a connect per waiting request.
+    speaks_h2: std::sync::atomic::AtomicBool,
+    connecting: tokio::sync::Mutex<()>,
 }
 
 impl Origin {
@@ -135,18 +172,33 @@ impl Origin {
             host_header,
             connector,
             idle: Mutex::new(Idle::default()),
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            released: tokio::sync::Notify::new(),
+            speaks_h2: std::sync::atomic::AtomicBool::new(false),
+            connecting: tokio::sync::Mutex::new(()),
         })
     }
 
     /// Sends `req` (origin-form URI: path and query) and returns the response head and body
-    /// with the connection it came on.
-    pub async fn send(&self, req: Request<Body>) -> Result<(Response<Incoming>, Conn), PoolError> {
+    /// with the connection it came on. Once a connection is had, `wanted` is asked whether
+    /// anyone still waits for the answer: if not, nothing is sent.
+    pub async fn send(
+        &self,
+        req: Request<Body>,
+        wanted: &Wanted,
+    ) -> Result<(Response<Incoming>, Conn), PoolError> {
         let mut req = Some(req);
         // Two attempts at most: the second only when a reused connection turned out closed
         // before the request was written.
         for _ in 0..2 {
             let Some(mut request) = req.take() else { break };
             let (sender, reused) = self.checkout().await?;
+            if !wanted.still() {
+                if let Sender::H1(idle) = sender {
+                    self.release(Conn(Some(idle)));
+                }
+                return Err(PoolError::Abandoned);
+            }
             let failed = match sender {
                 Sender::H1(mut idle) => {
                     request.headers_mut().insert(HOST, self.host_header.clone());
@@ -198,6 +250,8 @@ impl Origin {
         if pool.h1.len() < MAX_IDLE {
             pool.h1.push_back(idle);
         }
+        drop(pool);
+        self.released.notify_one();
     }
 
     fn lock(&self) -> MutexGuard<'_, Idle> {
@@ -209,44 +263,83 @@ impl Origin {
     /// a new one; `true` when it is reused.
     async fn checkout(&self) -> Result<(Sender, bool), PoolError> {
         let tls_version = self.connector.tls.version();
+        if let Some(found) = self.reuse(tls_version).await {
+            return Ok((found, true));
+        }
+        // A connection of our own: a free slot, or wait for one (or for an idle connection).
+        let permit = loop {
+            if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+                break permit;
+            }
+            tokio::select! {
+                permit = self.slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => break permit,
+                    Err(_) => return Err(PoolError::Connect(Arc::new(std::io::Error::other("pool closed")))),
+                },
+                () = self.released.notified() => {
+                    if let Some(found) = self.reuse(tls_version).await {
+                        return Ok((found, true));
+                    }
+                }
+            }
+        };
+        // An HTTP/2 origin gets one connect at a time; who waited finds the new connection.
+        let _one = if self.speaks_h2.load(std::sync::atomic::Ordering::Relaxed) {
+            let guard = self.connecting.lock().await;
+            if let Some(found) = self.reuse(tls_version).await {
+                return Ok((found, true));
+            }
+            Some(guard)
+        } else {
+            None
+        };
+        // Boxed: the connect future (TLS and HTTP/2 handshakes) is kilobytes, and inline it
+        // would make every exchange's future that large, copied at every await of a reuse.
+        let sender = tokio::time::timeout(
+            self.connector.connect_timeout,
+            Box::pin(self.connect(permit)),
+        )
+        .await
+        .map_err(|_| {
+            PoolError::Connect(Arc::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect_timeout",
+            )))
+        })??;
+        Ok((sender, false))
+    }
+
+    /// The shared HTTP/2 connection or an idle HTTP/1.1 one, if there is one now.
+    async fn reuse(&self, tls_version: u64) -> Option<Sender> {
         loop {
             let candidate = {
                 let mut pool = self.lock();
                 if let Some((h2, version)) = &pool.h2 {
                     if !h2.is_closed() && *version == tls_version {
-                        return Ok((Sender::H2(h2.clone()), true));
+                        return Some(Sender::H2(h2.clone()));
                     }
                     pool.h2 = None;
                 }
                 pool.h1.pop_back()
             };
-            // Each turn takes one connection out of the bounded idle list.
-            let Some(mut idle) = candidate else { break };
+            let mut idle = candidate?;
             if idle.tls_version != tls_version
                 || idle.since.elapsed() > IDLE_TIMEOUT
                 || idle.sender.is_closed()
             {
                 continue;
             }
-            // Just released: its connection task may still be finishing the last response.
             if idle.sender.ready().await.is_ok() {
-                return Ok((Sender::H1(idle), true));
+                return Some(Sender::H1(idle));
             }
         }
-        // Boxed: the connect future (TLS and HTTP/2 handshakes) is kilobytes, and inline it
-        // would make every exchange's future that large, copied at every await of a reuse.
-        let sender = tokio::time::timeout(self.connector.connect_timeout, Box::pin(self.connect()))
-            .await
-            .map_err(|_| {
-                PoolError::Connect(Arc::new(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connect_timeout",
-                )))
-            })??;
-        Ok((sender, false))
     }
 
-    async fn connect(&self) -> Result<Sender, PoolError> {
+    /// A new connection, holding `permit` for as long as it is open.
+    async fn connect(
+        &self,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<Sender, PoolError> {
         let tls_version = self.connector.tls.version();
         let connect_err = |e: std::io::Error| PoolError::Connect(Arc::new(e));
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
@@ -254,7 +347,7 @@ impl Origin {
             .map_err(connect_err)?;
         tcp.set_nodelay(true).map_err(connect_err)?;
         let Some(name) = &self.server_name else {
-            return handshake_h1(tcp, tls_version).await;
+            return handshake_h1(tcp, tls_version, permit).await;
         };
         let config = self.connector.tls.get();
         let tls = tokio_rustls::TlsConnector::from(config)
@@ -262,14 +355,17 @@ impl Origin {
             .await
             .map_err(connect_err)?;
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-            return handshake_h1(tls, tls_version).await;
+            return handshake_h1(tls, tls_version, permit).await;
         }
+        self.speaks_h2
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| PoolError::Connect(Arc::new(e)))?;
         tokio::spawn(async move {
+            let _permit = permit;
             let _ = conn.await;
         });
         self.lock().h2 = Some((sender.clone(), tls_version));
@@ -277,14 +373,20 @@ impl Origin {
     }
 }
 
-async fn handshake_h1<I>(io: I, tls_version: u64) -> Result<Sender, PoolError>
+async fn handshake_h1<I>(
+    io: I,
+    tls_version: u64,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<Sender, PoolError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| PoolError::Connect(Arc::new(e)))?;
+    // The connection's slot is held until the connection ends (its sender dropped, or closed).
     tokio::spawn(async move {
+        let _permit = permit;
         let _ = conn.await;
     });
     Ok(Sender::H1(Idle1 {
