@@ -1227,3 +1227,63 @@ async fn request_heads_have_10s_and_idle_keep_alive_connections_are_closed() {
     );
     assert_eq!(gw.na.request_count(), 1);
 }
+
+/// Convocore's load balancers rotate HTTP/2 connections with a graceful GOAWAY (here every 20
+/// requests, 600 requests 30 at a time). Requests the
+/// server did not process (above the GOAWAY's last stream, or refused) are sent again on a new
+/// connection, so no caller sees a 502; and a rotation makes one new connection, not one per
+/// waiting request.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_goaway_rotations_cost_no_request() {
+    let (ca_pem, cert_pem, key_pem) = test_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &ca_pem).unwrap();
+    let eu = MockConvocore::start_tls(
+        "eu",
+        UPSTREAM_TOKEN,
+        EU_AGENTS,
+        cert_pem.as_bytes(),
+        key_pem.as_bytes(),
+    )
+    .await
+    .unwrap();
+    eu.set_faults(Faults {
+        goaway_every: Some(20),
+        ..Default::default()
+    });
+    let na = MockConvocore::start("na", UPSTREAM_TOKEN, NA_AGENTS)
+        .await
+        .unwrap();
+    let gw = Arc::new(
+        Gateway::start_with_mocks(
+            TestConfig {
+                upstream: format!("ca_file = \"{}\"\n", ca_path.display()),
+                ..Default::default()
+            },
+            eu,
+            na,
+        )
+        .await,
+    );
+    let token = token("billing");
+    let mut failed = Vec::new();
+    for _ in 0..20 {
+        for r in concurrent(&gw, 30, EXPORT_EU, &token).await {
+            if r.status != 200 {
+                failed.push(format!("{} {}", r.status, r.text()));
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of 600 failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    let connections = gw.eu.connections();
+    assert!(
+        connections <= 60,
+        "{connections} connections for 600 requests rotated every 20"
+    );
+}

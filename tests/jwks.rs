@@ -165,6 +165,7 @@ async fn serve_jwks(
         move |req| answer_jwks(state.clone(), req),
         || {},
         None,
+        || None,
     )
     .await
 }

@@ -47,6 +47,9 @@ pub struct Faults {
     pub oversize: Option<(usize, bool)>,
     /// Extra response headers, e.g. `Cache-Control: no-store`.
     pub headers: Vec<(String, String)>,
+    /// Shut each connection down gracefully (HTTP/2: GOAWAY) once it has taken this many
+    /// requests, as load balancers do when they rotate connections.
+    pub goaway_every: Option<usize>,
 }
 
 struct State {
@@ -223,6 +226,7 @@ impl MockConvocore {
 
 async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustls::TlsAcceptor>) {
     let counted = state.clone();
+    let rotation = state.clone();
     let drops = Some(state.drops.subscribe());
     serve_http(
         listener,
@@ -232,6 +236,7 @@ async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustl
             counted.accepted.fetch_add(1, Ordering::SeqCst);
         },
         drops,
+        move || lock(&rotation.faults).goaway_every,
     )
     .await
 }
@@ -239,13 +244,15 @@ async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustl
 /// A test server's accept loop: serves HTTP/1.1 and HTTP/2 (by ALPN over `tls`, or h2c prior
 /// knowledge) with `handler` until the task is aborted, which closes every connection.
 /// `on_accept` runs for each accepted connection; a change of `drops` (when given) closes the
-/// open ones.
+/// open ones; `rotate_after` (read at each accept) shuts a connection down gracefully after
+/// that many requests.
 pub async fn serve_http<H, F, B, E>(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     handler: H,
     on_accept: impl Fn(),
     drops: Option<tokio::sync::watch::Receiver<u64>>,
+    rotate_after: impl Fn() -> Option<usize>,
 ) where
     H: Fn(Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Result<Response<B>, E>> + Send + 'static,
@@ -269,6 +276,7 @@ pub async fn serve_http<H, F, B, E>(
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         on_accept();
+        let rotate_after = rotate_after();
         let mut drops = drops.clone();
         if let Some(d) = &mut drops {
             d.mark_unchanged();
@@ -277,22 +285,33 @@ pub async fn serve_http<H, F, B, E>(
         let tls = tls.clone();
         let handler = handler.clone();
         connections.spawn(async move {
-            let service = service_fn(handler);
-            let serve = async move {
-                match tls {
-                    None => {
-                        let _ = builder
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
-                    }
-                    Some(acceptor) => {
-                        if let Ok(stream) = acceptor.accept(stream).await {
-                            let _ = builder
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await;
-                        }
-                    }
+            let served = Arc::new(AtomicU64::new(0));
+            let rotate = Arc::new(tokio::sync::Notify::new());
+            let (count, notify) = (served.clone(), rotate.clone());
+            let service = service_fn(move |req| {
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                if rotate_after.is_some_and(|every| n as usize == every) {
+                    notify.notify_one();
                 }
+                handler(req)
+            });
+            let serve = async move {
+                let io = match tls {
+                    None => Some(Either::Plain(stream)),
+                    Some(acceptor) => acceptor
+                        .accept(stream)
+                        .await
+                        .ok()
+                        .map(|s| Either::Tls(Box::new(s))),
+                };
+                let Some(io) = io else { return };
+                let conn = builder.serve_connection(TokioIo::new(io), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    () = rotate.notified() => conn.as_mut().graceful_shutdown(),
+                }
+                let _ = conn.await;
             };
             // Dropping the connection's future closes its socket.
             let dropped = async {
@@ -308,6 +327,52 @@ pub async fn serve_http<H, F, B, E>(
                 _ = dropped => {}
             }
         });
+    }
+}
+
+/// A plain or TLS stream, so one connection future serves both.
+enum Either {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Either {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Either::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Either::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Either {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Either::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Either::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Either::Plain(s) => Pin::new(s).poll_flush(cx),
+            Either::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Either::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Either::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 

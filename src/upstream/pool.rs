@@ -58,6 +58,10 @@ impl Wanted {
 
 /// Idle HTTP/1.1 connections kept per origin.
 pub const MAX_IDLE: usize = 256;
+/// How many times a request the server certainly did not process (HTTP/2 REFUSED_STREAM, or
+/// above a GOAWAY's last stream) is sent again, each time on a new connection.
+const UNPROCESSED_RETRIES: usize = 3;
+
 /// Connections open at once per origin (a request beyond waits for one to come free); the
 /// shared HTTP/2 connection counts as one.
 pub const MAX_CONNECTIONS: usize = 128;
@@ -104,14 +108,16 @@ struct Idle1 {
 
 enum Sender {
     H1(Idle1),
-    H2(http2::SendRequest<Body>),
+    /// The shared HTTP/2 connection, and which one it is.
+    H2(http2::SendRequest<Body>, u64),
 }
 
 #[derive(Default)]
 struct Idle {
     /// Most recently used last.
     h1: VecDeque<Idle1>,
-    h2: Option<(http2::SendRequest<Body>, u64)>,
+    /// The shared HTTP/2 connection: its sender, TLS version, generation.
+    h2: Option<(http2::SendRequest<Body>, u64, u64)>,
 }
 
 pub struct Origin {
@@ -133,6 +139,8 @@ pub struct Origin {
     /// connect at a time, so that a GOAWAY does not set off a connect per waiting request.
     speaks_h2: std::sync::atomic::AtomicBool,
     connecting: tokio::sync::Mutex<()>,
+    /// Numbers the HTTP/2 connections, so a failure retires only its own.
+    generations: std::sync::atomic::AtomicU64,
 }
 
 impl Origin {
@@ -176,6 +184,7 @@ impl Origin {
             released: tokio::sync::Notify::new(),
             speaks_h2: std::sync::atomic::AtomicBool::new(false),
             connecting: tokio::sync::Mutex::new(()),
+            generations: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -188,9 +197,13 @@ impl Origin {
         wanted: &Wanted,
     ) -> Result<(Response<Incoming>, Conn), PoolError> {
         let mut req = Some(req);
-        // Two attempts at most: the second only when a reused connection turned out closed
-        // before the request was written.
-        for _ in 0..2 {
+        // A request is tried again only when it was certainly not processed: a reused
+        // connection turned out closed before it was written (once), or, on HTTP/2, the
+        // server refused its stream or sent GOAWAY below it (RFC 9113 §8.7; a few times, each
+        // on a new connection). Nothing that may have been processed is sent twice.
+        let mut closed_retries = 1;
+        let mut refused_retries = UNPROCESSED_RETRIES;
+        loop {
             let Some(mut request) = req.take() else { break };
             let (sender, reused) = self.checkout().await?;
             if !wanted.still() {
@@ -199,36 +212,58 @@ impl Origin {
                 }
                 return Err(PoolError::Abandoned);
             }
-            let failed = match sender {
+            let (mut failed, copy, generation) = match sender {
                 Sender::H1(mut idle) => {
                     request.headers_mut().insert(HOST, self.host_header.clone());
                     match idle.sender.try_send_request(request).await {
                         Ok(response) => return Ok((response, Conn(Some(idle)))),
-                        Err(e) => e,
+                        Err(e) => (e, None, None),
                     }
                 }
-                Sender::H2(mut sender) => {
+                Sender::H2(mut sender, generation) => {
                     request.headers_mut().remove(HOST);
                     let mut parts = std::mem::take(request.uri_mut()).into_parts();
                     parts.scheme = Some(self.scheme.clone());
                     parts.authority = Some(self.authority.clone());
                     *request.uri_mut() =
                         Uri::from_parts(parts).map_err(|e| PoolError::Connect(Arc::new(e)))?;
+                    let copy = copy_request(&request);
                     match sender.try_send_request(request).await {
                         Ok(response) => return Ok((response, Conn(None))),
-                        Err(e) => e,
+                        Err(e) => (e, Some(copy), Some(generation)),
                     }
                 }
             };
-            let mut failed = failed;
-            match (reused, failed.take_message()) {
-                (true, Some(unsent)) => req = Some(unsent),
-                _ => return Err(PoolError::Http(failed.into_error())),
+            if let Some(generation) = generation {
+                // That connection is going away: the next attempt makes a new one.
+                self.retire_h2(generation);
             }
+            if let Some(unsent) = failed.take_message() {
+                if reused && closed_retries > 0 {
+                    closed_retries -= 1;
+                    req = Some(unsent);
+                    continue;
+                }
+            } else if let Some(copy) = copy {
+                if refused_retries > 0 && unprocessed(failed.error()) {
+                    refused_retries -= 1;
+                    req = Some(copy);
+                    continue;
+                }
+            }
+            return Err(PoolError::Http(failed.into_error()));
         }
         Err(PoolError::Connect(Arc::new(std::io::Error::other(
             "the connection closed before the request was sent",
         ))))
+    }
+
+    /// Forgets the shared HTTP/2 connection if it is still the one of `generation`.
+    fn retire_h2(&self, generation: u64) {
+        let mut pool = self.lock();
+        if pool.h2.as_ref().is_some_and(|(_, _, g)| *g == generation) {
+            pool.h2 = None;
+        }
     }
 
     /// Returns a connection whose response body was read to the end.
@@ -314,9 +349,9 @@ impl Origin {
         loop {
             let candidate = {
                 let mut pool = self.lock();
-                if let Some((h2, version)) = &pool.h2 {
+                if let Some((h2, version, generation)) = &pool.h2 {
                     if !h2.is_closed() && *version == tls_version {
-                        return Some(Sender::H2(h2.clone()));
+                        return Some(Sender::H2(h2.clone(), *generation));
                     }
                     pool.h2 = None;
                 }
@@ -368,8 +403,11 @@ impl Origin {
             let _permit = permit;
             let _ = conn.await;
         });
-        self.lock().h2 = Some((sender.clone(), tls_version));
-        Ok(Sender::H2(sender))
+        let generation = self
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().h2 = Some((sender.clone(), tls_version, generation));
+        Ok(Sender::H2(sender, generation))
     }
 }
 
@@ -463,4 +501,29 @@ impl Origins {
         map.insert(key, Arc::downgrade(&origin));
         Ok(origin)
     }
+}
+
+/// The same request again (an upstream request has no body): for a retry on another
+/// connection after HTTP/2 said the first was not processed.
+fn copy_request(req: &Request<Body>) -> Request<Body> {
+    let mut copy = Request::new(Body::new());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// Whether HTTP/2 says the request was not processed (RFC 9113 §8.7): its stream was refused,
+/// or the server's GOAWAY came with a last stream below it.
+fn unprocessed(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote());
+        }
+        source = err.source();
+    }
+    false
 }
