@@ -40,6 +40,9 @@ pub struct Limits {
     pub max_admin_connections: usize,
     /// A response that makes no write progress for this long has its connection closed.
     pub send_timeout: Duration,
+    /// Bytes of unfinished request heads held across a listener's connections; past it the
+    /// oldest unfinished head's connection is closed.
+    pub head_budget: usize,
 }
 
 impl Default for Limits {
@@ -50,6 +53,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_admin_connections: 1024,
             send_timeout: Duration::from_secs(60),
+            head_budget: 32 << 20,
         }
     }
 }
@@ -107,6 +111,7 @@ pub async fn run_with(
         limits.max_connections,
         limits.header_timeout,
         limits.send_timeout,
+        limits.head_budget,
     );
     // The admin listener speaks HTTP/1.1 only.
     let admin_conns = Connections::new(
@@ -118,6 +123,7 @@ pub async fn run_with(
         limits.max_admin_connections,
         limits.admin_header_timeout,
         limits.send_timeout,
+        limits.head_budget,
     );
     let Listeners { api, admin } = listeners;
 

@@ -407,3 +407,57 @@ async fn streams_reset_before_their_fetch_starts_cause_no_upstream_request() {
     gw.eu.set_faults(Default::default());
     assert_eq!(gw.get(EXPORT_EU, &token).await.status, 200);
 }
+
+/// Unfinished request heads across a listener's connections are held within a budget (32 MiB;
+/// 256 KiB here): past it, the connection with the oldest unfinished head is closed, so many
+/// connections trickling heads cannot exhaust memory.
+#[tokio::test(flavor = "multi_thread")]
+async fn unfinished_heads_are_held_within_a_budget_shedding_the_oldest() {
+    let gw = Gateway::start_with(TestConfig {
+        limits: Some(Limits {
+            header_timeout: Duration::from_secs(30),
+            head_budget: 256 * 1024,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    let token = token("billing");
+    let partial = {
+        let mut head = get_with(EXPORT_EU, &token, &padding(60 * 1024));
+        head.truncate(head.len() - 4); // no end of head: it never completes
+        head
+    };
+    let mut conns = Vec::new();
+    for _ in 0..12 {
+        let mut c = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        c.write_all(&partial).await.unwrap();
+        conns.push(c);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut closed = Vec::new();
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut byte = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_millis(100), c.read(&mut byte)).await;
+        if matches!(r, Ok(Ok(0)) | Ok(Err(_))) {
+            closed.push(i);
+        }
+    }
+    // 12 x 60 KiB against 256 KiB: at most 4 may be held, and the shed ones are the oldest.
+    assert!(closed.len() >= 8, "closed {closed:?}");
+    assert_eq!(
+        closed,
+        (0..closed.len()).collect::<Vec<_>>(),
+        "not the oldest first"
+    );
+    assert!(!closed.contains(&11), "the newest head was shed");
+    // A whole request still passes.
+    let r = raw(
+        gw.addr,
+        &get_with(EXPORT_EU, &token, "connection: close\r\n"),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{}", &r[..r.len().min(200)]);
+    assert_eq!(Limits::default().head_budget, 32 << 20);
+}

@@ -61,7 +61,7 @@ pub struct Connections {
     refusals: Throttled,
 }
 
-/// The open connections, for eviction at the cap.
+/// The open connections, for eviction at the cap and for the budget of unfinished heads.
 #[derive(Default)]
 struct Open {
     next_id: AtomicU64,
@@ -69,6 +69,16 @@ struct Open {
     /// Ticks on every connection opened and every request ended: an order of events, cheaper
     /// than reading the clock on every request.
     events: Arc<AtomicU64>,
+    heads: Arc<Heads>,
+}
+
+/// Bytes read on every connection while it had no request in progress (request heads on
+/// their way), against a budget for the listener: past it, the oldest such connection is
+/// closed, so that 10,000 connections trickling heads cannot hold 10,000 x 64 KiB.
+#[derive(Default)]
+struct Heads {
+    total: AtomicUsize,
+    budget: AtomicUsize,
 }
 
 /// One connection's activity: requests in progress, and when (in [`Open::events`] order) the
@@ -77,7 +87,19 @@ struct Activity {
     in_progress: AtomicUsize,
     idle_since: AtomicU64,
     events: Arc<AtomicU64>,
+    /// Bytes read since the last request reached the service (or the accept).
+    partial: AtomicUsize,
+    heads: Arc<Heads>,
     close: Notify,
+}
+
+impl Activity {
+    /// The head bytes held for this connection are no longer held (a request started, or
+    /// the connection ended).
+    fn settle(&self) {
+        let held = self.partial.swap(0, Ordering::AcqRel);
+        self.heads.total.fetch_sub(held, Ordering::AcqRel);
+    }
 }
 
 impl Open {
@@ -91,10 +113,26 @@ impl Open {
             in_progress: AtomicUsize::new(0),
             idle_since: AtomicU64::new(self.events.fetch_add(1, Ordering::Relaxed)),
             events: self.events.clone(),
+            partial: AtomicUsize::new(0),
+            heads: self.heads.clone(),
             close: Notify::new(),
         });
         self.lock().insert(id, activity.clone());
         (id, activity)
+    }
+
+    /// Over the head budget: asks the connection whose unfinished head is the oldest to close.
+    fn shed_oldest_partial(&self) {
+        let map = self.lock();
+        let oldest = map
+            .values()
+            .filter(|a| {
+                a.in_progress.load(Ordering::Acquire) == 0 && a.partial.load(Ordering::Acquire) > 0
+            })
+            .min_by_key(|a| a.idle_since.load(Ordering::Relaxed));
+        if let Some(activity) = oldest {
+            activity.close.notify_one();
+        }
     }
 
     /// Asks the connection idle the longest to close; whether there was one.
@@ -122,7 +160,9 @@ struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.open.lock().remove(&self.id);
+        if let Some(activity) = self.open.lock().remove(&self.id) {
+            activity.settle();
+        }
     }
 }
 
@@ -132,6 +172,7 @@ struct InProgress(Arc<Activity>);
 impl InProgress {
     fn start(activity: &Arc<Activity>) -> InProgress {
         activity.in_progress.fetch_add(1, Ordering::AcqRel);
+        activity.settle();
         InProgress(activity.clone())
     }
 }
@@ -179,7 +220,10 @@ impl Connections {
         max: usize,
         header_timeout: Duration,
         send_timeout: Duration,
+        head_budget: usize,
     ) -> Self {
+        let open = Open::default();
+        open.heads.budget.store(head_budget, Ordering::Relaxed);
         Connections {
             name,
             protocols: Arc::new(protocols),
@@ -187,7 +231,7 @@ impl Connections {
             slots: Arc::new(Semaphore::new(max)),
             header_timeout,
             send_timeout,
-            open: Arc::new(Open::default()),
+            open: Arc::new(open),
             refusals: Throttled::default(),
         }
     }
@@ -244,7 +288,11 @@ impl Connections {
         // handshake and protocol choice included (hyper's header_read_timeout starts only
         // once HTTP/1 is chosen, so a connection that sends nothing would be held forever).
         let deadline = tokio::time::Instant::now() + self.header_timeout;
-        let stream = SendTimeout::new(stream, self.send_timeout);
+        let stream = Metered {
+            io: SendTimeout::new(stream, self.send_timeout),
+            activity: activity.clone(),
+            open: self.open.clone(),
+        };
         tokio::spawn(async move {
             let _permit = permit;
             let _registered = registered;
@@ -483,6 +531,65 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for SendTimeout<I> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.io).poll_flush(cx);
         self.progress(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Counts what a connection reads while it has no request in progress against the listener's
+/// head budget, and sheds the oldest unfinished head when the budget is exceeded.
+struct Metered<I> {
+    io: I,
+    activity: Arc<Activity>,
+    open: Arc<Open>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Metered<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 && self.activity.in_progress.load(Ordering::Acquire) == 0 {
+            self.activity.partial.fetch_add(read, Ordering::AcqRel);
+            let heads = &self.activity.heads;
+            let total = heads.total.fetch_add(read, Ordering::AcqRel) + read;
+            if total > heads.budget.load(Ordering::Relaxed) {
+                self.open.shed_oldest_partial();
+            }
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Metered<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
