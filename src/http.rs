@@ -17,7 +17,7 @@ use crate::cache::{CacheStatus, Mode};
 use crate::domain::Export;
 use crate::error::ApiError;
 use crate::state::{Policy, State};
-use crate::upstream::{Fault, X_REQUEST_ID};
+use crate::upstream::{Ask, Fault, X_REQUEST_ID};
 
 /// The longest request target (path and query) accepted: `414` past it.
 pub const MAX_TARGET: usize = 8 * 1024;
@@ -64,10 +64,13 @@ async fn export<B>(
         let export: Export = export.clone();
         let request_id = access.request_id.clone();
         async move {
-            policy
-                .upstream
-                .fetch(&policy.metrics, &export, &request_id, &wanted)
-                .await
+            let ask = Ask {
+                metrics: &policy.metrics,
+                export: &export,
+                request_id: &request_id,
+                wanted: &wanted,
+            };
+            policy.upstream.fetch(&ask).await
         }
     };
     let answer = state

@@ -94,6 +94,15 @@ pub struct Fetched {
     pub region: HeaderValue,
 }
 
+/// One fetch's particulars, as they travel down to the client: the export, the request id
+/// sent with it, whether anyone still wants it, and the metrics that count its exchanges.
+pub struct Ask<'a> {
+    pub metrics: &'a Resolved,
+    pub export: &'a Export,
+    pub request_id: &'a HeaderValue,
+    pub wanted: &'a Wanted,
+}
+
 /// One configuration's upstream side: its regions and routing, and the exchange limits.
 pub struct Upstream {
     pub regions: Regions,
@@ -125,46 +134,26 @@ impl Upstream {
 
     /// Fetches an export from its agent's region; an agent of unknown region is discovered.
     /// Nothing is sent once `wanted` says every caller has gone.
-    pub async fn fetch(
-        &self,
-        metrics: &Resolved,
-        export: &Export,
-        request_id: &HeaderValue,
-        wanted: &Wanted,
-    ) -> Result<Fetched, Failed> {
+    pub async fn fetch(&self, ask: &Ask<'_>) -> Result<Fetched, Failed> {
         match self
             .router
-            .route(&export.agent, &self.learned, &self.regions)
+            .route(&ask.export.agent, &self.learned, &self.regions)
             .await
         {
-            Route::Region(region) => {
-                self.fetch_from(metrics, region, export, request_id, wanted)
-                    .await
-            }
+            Route::Region(region) => self.fetch_from(ask, region).await,
             Route::Discover => {
                 // The one fetch path that logs: its lines carry the request id through this
                 // span (a span costs ~1 µs, too much for every miss). Boxed: rare, and it
                 // would make every request's future larger.
-                let span =
-                    tracing::info_span!("request", request_id = request_id.to_str().unwrap_or("-"));
-                Box::pin(
-                    self.discover(metrics, export, request_id, wanted)
-                        .instrument(span),
-                )
-                .await
+                let request_id = ask.request_id.to_str().unwrap_or("-");
+                let span = tracing::info_span!("request", request_id);
+                Box::pin(self.discover(ask).instrument(span)).await
             }
         }
     }
 
     /// One exchange with one region, counted in the upstream metrics.
-    async fn fetch_from(
-        &self,
-        metrics: &Resolved,
-        id: RegionId,
-        export: &Export,
-        request_id: &HeaderValue,
-        wanted: &Wanted,
-    ) -> Result<Fetched, Failed> {
+    async fn fetch_from(&self, ask: &Ask<'_>, id: RegionId) -> Result<Fetched, Failed> {
         let Some(region) = self.regions.get(id) else {
             return Err(Failed {
                 region: None,
@@ -172,7 +161,7 @@ impl Upstream {
             });
         };
         let started = Instant::now();
-        let result = client::exchange(&self.limits, region, export, request_id, wanted).await;
+        let result = client::exchange(&self.limits, region, ask).await;
         let status = match &result {
             Ok(f) => Some(Ok(f.status)),
             // Nothing was sent: not an exchange.
@@ -180,7 +169,7 @@ impl Upstream {
             Err(e) => Some(Err(e.failure())),
         };
         if let Some(status) = status {
-            metrics.record_upstream(id, status, started.elapsed());
+            ask.metrics.record_upstream(id, status, started.elapsed());
         }
         result.map_err(|error| Failed {
             region: Some(region.header.clone()),
@@ -190,19 +179,11 @@ impl Upstream {
 
     /// Asks the default region and on its 404 the others in turn, and remembers the region
     /// that had the agent. No region knowing the agent answers with the first 404.
-    async fn discover(
-        &self,
-        metrics: &Resolved,
-        export: &Export,
-        request_id: &HeaderValue,
-        wanted: &Wanted,
-    ) -> Result<Fetched, Failed> {
+    async fn discover(&self, ask: &Ask<'_>) -> Result<Fetched, Failed> {
         let mut first_404: Option<Fetched> = None;
         let mut elapsed = Duration::ZERO;
         for &id in self.router.discovery_order() {
-            let mut fetched = self
-                .fetch_from(metrics, id, export, request_id, wanted)
-                .await?;
+            let mut fetched = self.fetch_from(ask, id).await?;
             elapsed += fetched.elapsed;
             fetched.elapsed = elapsed;
             if fetched.status == StatusCode::NOT_FOUND {
@@ -210,8 +191,8 @@ impl Upstream {
                 continue;
             }
             if fetched.status.is_success() {
-                tracing::info!(agent = %export.agent, region = self.regions.name(Some(id)), "discovered the agent's region");
-                self.learned.learn(&export.agent, &fetched.region).await;
+                tracing::info!(agent = %ask.export.agent, region = self.regions.name(Some(id)), "discovered the agent's region");
+                self.learned.learn(&ask.export.agent, &fetched.region).await;
             }
             return Ok(fetched);
         }

@@ -288,8 +288,11 @@ impl Connections {
         // handshake and protocol choice included (hyper's header_read_timeout starts only
         // once HTTP/1 is chosen, so a connection that sends nothing would be held forever).
         let deadline = tokio::time::Instant::now() + self.header_timeout;
-        let stream = Metered {
-            io: SendTimeout::new(stream, self.send_timeout),
+        let mut stream = Guarded {
+            io: stream,
+            prefix: Bytes::new(),
+            send_timeout: self.send_timeout,
+            stalled: None,
             activity: activity.clone(),
             open: self.open.clone(),
         };
@@ -313,27 +316,34 @@ impl Connections {
             });
 
             let serving = async move {
+                let conn = Conn {
+                    protocols: &protocols,
+                    watcher,
+                    deadline,
+                    first: &first,
+                };
                 match tls {
                     None => {
-                        let conn = Conn {
-                            protocols: &protocols,
-                            watcher,
-                            deadline,
-                            first: &first,
-                        };
-                        conn.serve(stream, None, service).await
+                        // Cleartext: the HTTP/2 preface decides, where HTTP/2 is spoken.
+                        let mut h2 = false;
+                        if protocols.h2.is_some() {
+                            match tokio::time::timeout_at(deadline, sniff(&mut stream)).await {
+                                Ok(Ok((sniffed, prefix))) => {
+                                    h2 = sniffed;
+                                    stream.prefix = prefix;
+                                }
+                                // The client went away before saying anything.
+                                Ok(Err(_)) => return Served::Ended(Ok(())),
+                                Err(_) => return Served::TimedOut,
+                            }
+                        }
+                        conn.serve(stream, h2, service).await
                     }
                     Some(acceptor) => {
                         match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                             Ok(Ok(stream)) => {
                                 let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                                let conn = Conn {
-                                    protocols: &protocols,
-                                    watcher,
-                                    deadline,
-                                    first: &first,
-                                };
-                                conn.serve(stream, Some(h2), service).await
+                                conn.serve(stream, h2, service).await
                             }
                             Ok(Err(e)) => {
                                 tracing::debug!(listener = name, error = %e, "TLS handshake failed");
@@ -385,8 +395,9 @@ struct Conn<'a> {
 }
 
 impl Conn<'_> {
-    /// `alpn_h2`: what TLS negotiated (`None` for cleartext: the preface decides).
-    async fn serve<I, S, B>(self, mut io: I, alpn_h2: Option<bool>, service: S) -> Served
+    /// Serves the connection over HTTP/2 when `h2` (ALPN, or the preface) and the listener
+    /// speaks it, else HTTP/1.1.
+    async fn serve<I, S, B>(self, io: I, h2: bool, service: S) -> Served
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: hyper::service::HttpService<Incoming, ResBody = B> + Clone + Send + 'static,
@@ -396,19 +407,7 @@ impl Conn<'_> {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let (h2, prefix) = match (alpn_h2, &self.protocols.h2) {
-            (_, None) => (false, Bytes::new()),
-            (Some(h2), Some(_)) => (h2, Bytes::new()),
-            (None, Some(_)) => {
-                match tokio::time::timeout_at(self.deadline, sniff(&mut io)).await {
-                    Ok(Ok(sniffed)) => sniffed,
-                    // The client went away before saying anything.
-                    Ok(Err(_)) => return Served::Ended(Ok(())),
-                    Err(_) => return Served::TimedOut,
-                }
-            }
-        };
-        let io = TokioIo::new(Prefixed { prefix, io });
+        let io = TokioIo::new(io);
         match (&self.protocols.h2, h2) {
             (Some(builder), true) => {
                 let conn = self.watcher.watch(builder.serve_connection(io, service));
@@ -445,29 +444,27 @@ async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<(bool, Bytes)> {
     ))
 }
 
-/// Closes a connection whose writes make no progress for `timeout` (nginx's `send_timeout`):
-/// a reader that stops reading (a zero window, 1 byte a second) cannot pin a response's memory
-/// for long. Reads are untouched (the head and idle timeouts cover them).
-pub struct SendTimeout<I> {
+/// An accepted connection's socket, with what the listener watches on it:
+/// - reads while no request is in progress count against the head budget (past it, the
+///   oldest unfinished head is shed);
+/// - a write that makes no progress for `send_timeout` fails, and hyper closes the connection
+///   (nginx's `send_timeout`): a reader that stops reading cannot pin a response's memory;
+/// - bytes read to choose the protocol are given back first (`prefix`).
+struct Guarded<I> {
     io: I,
-    timeout: Duration,
-    /// Set while a write waits: when it fires, the write fails and hyper closes the connection.
+    prefix: Bytes,
+    send_timeout: Duration,
+    /// Set while a write waits: when it fires, the write fails.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    activity: Arc<Activity>,
+    open: Arc<Open>,
 }
 
-impl<I> SendTimeout<I> {
-    pub fn new(io: I, timeout: Duration) -> Self {
-        SendTimeout {
-            io,
-            timeout,
-            stalled: None,
-        }
-    }
-
-    /// `Ready(err)` once a stalled write has waited `timeout`; `Pending` (with the timer's
-    /// waker set) before.
+impl<I> Guarded<I> {
+    /// `Ready(err)` once a stalled write has waited `send_timeout`; `Pending` (with the
+    /// timer's waker set) before.
     fn stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        let timeout = self.timeout;
+        let timeout = self.send_timeout;
         let sleep = self
             .stalled
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
@@ -495,17 +492,35 @@ impl<I> SendTimeout<I> {
     }
 }
 
-impl<I: AsyncRead + Unpin> AsyncRead for SendTimeout<I> {
+impl<I: AsyncRead + Unpin> AsyncRead for Guarded<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        if !self.prefix.is_empty() {
+            // Counted when first read.
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 && self.activity.in_progress.load(Ordering::Acquire) == 0 {
+            self.activity.partial.fetch_add(read, Ordering::AcqRel);
+            let heads = &self.activity.heads;
+            let total = heads.total.fetch_add(read, Ordering::AcqRel) + read;
+            if total > heads.budget.load(Ordering::Relaxed) {
+                self.open.shed_oldest_partial();
+            }
+        }
+        polled
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for SendTimeout<I> {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Guarded<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -531,117 +546,6 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for SendTimeout<I> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.io).poll_flush(cx);
         self.progress(cx, polled)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// Counts what a connection reads while it has no request in progress against the listener's
-/// head budget, and sheds the oldest unfinished head when the budget is exceeded.
-struct Metered<I> {
-    io: I,
-    activity: Arc<Activity>,
-    open: Arc<Open>,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Metered<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        let read = buf.filled().len() - before;
-        if read > 0 && self.activity.in_progress.load(Ordering::Acquire) == 0 {
-            self.activity.partial.fetch_add(read, Ordering::AcqRel);
-            let heads = &self.activity.heads;
-            let total = heads.total.fetch_add(read, Ordering::AcqRel) + read;
-            if total > heads.budget.load(Ordering::Relaxed) {
-                self.open.shed_oldest_partial();
-            }
-        }
-        polled
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Metered<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// An IO that first gives back bytes already read from it.
-struct Prefixed<I> {
-    prefix: Bytes,
-    io: I,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

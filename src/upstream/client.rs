@@ -14,11 +14,11 @@ use http::{HeaderMap, Request};
 use http_body_util::{BodyExt, Empty};
 use tokio::time::Instant;
 
-use super::pool::{PoolError, Wanted};
+use super::pool::PoolError;
 use super::region::Region;
-use super::{Fetched, UpstreamError, PASSED_HEADERS, X_REQUEST_ID};
+use super::{Ask, Fetched, UpstreamError, PASSED_HEADERS, X_REQUEST_ID};
 use crate::clock;
-use crate::domain::{Export, Format};
+use crate::domain::Format;
 
 /// The exchange's limits, from `[upstream]`.
 pub struct Limits {
@@ -32,10 +32,9 @@ static USER_AGENT_VALUE: HeaderValue =
 pub async fn exchange(
     limits: &Limits,
     region: &Region,
-    export: &Export,
-    request_id: &HeaderValue,
-    wanted: &Wanted,
+    ask: &Ask<'_>,
 ) -> Result<Fetched, UpstreamError> {
+    let (export, request_id) = (ask.export, ask.request_id);
     let uri = format!(
         "{}/agents/{}/convos/{}/export?format={}",
         region.path,
@@ -59,11 +58,14 @@ pub async fn exchange(
     let max = limits.max_response_bytes;
     let origin = &region.origin;
     let exchange = async move {
-        let (response, conn) = origin.send(request, wanted).await.map_err(|e| match e {
-            PoolError::Abandoned => UpstreamError::Abandoned,
-            PoolError::Connect(e) => UpstreamError::Unreachable(e),
-            PoolError::Http(e) => UpstreamError::Protocol(Arc::new(e)),
-        })?;
+        let (response, conn) = origin
+            .send(request, ask.wanted)
+            .await
+            .map_err(|e| match e {
+                PoolError::Abandoned => UpstreamError::Abandoned,
+                PoolError::Connect(e) => UpstreamError::Unreachable(e),
+                PoolError::Http(e) => UpstreamError::Protocol(Arc::new(e)),
+            })?;
         let (parts, body) = response.into_parts();
         let declared = parts
             .headers
