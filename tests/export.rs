@@ -805,13 +805,13 @@ async fn upstream_token_file_is_followed() {
 // 14. upstream over TLS with a private CA
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn upstream_over_tls_with_ca_file() {
+/// A gateway whose EU region is an HTTPS mock (h2 and http/1.1 by ALPN) signed by a test CA
+/// the gateway trusts through `ca_file`; NA is plain HTTP. `eu_faults` are set before start.
+async fn gateway_with_tls_eu(eu_faults: Faults) -> (Arc<Gateway>, tempfile::TempDir) {
     let (ca_pem, cert_pem, key_pem) = test_pki();
     let dir = tempfile::tempdir().unwrap();
     let ca_path = dir.path().join("ca.pem");
     std::fs::write(&ca_path, &ca_pem).unwrap();
-
     let eu = MockConvocore::start_tls(
         "eu",
         UPSTREAM_TOKEN,
@@ -822,20 +822,25 @@ async fn upstream_over_tls_with_ca_file() {
     .await
     .unwrap();
     assert!(eu.base_url().starts_with("https://localhost:"));
+    eu.set_faults(eu_faults);
     let na = MockConvocore::start("na", UPSTREAM_TOKEN, NA_AGENTS)
         .await
         .unwrap();
-    let gw = Arc::new(
-        Gateway::start_with_mocks(
-            TestConfig {
-                upstream: format!("ca_file = \"{}\"\n", ca_path.display()),
-                ..Default::default()
-            },
-            eu,
-            na,
-        )
-        .await,
-    );
+    let gw = Gateway::start_with_mocks(
+        TestConfig {
+            upstream: format!("ca_file = \"{}\"\n", ca_path.display()),
+            ..Default::default()
+        },
+        eu,
+        na,
+    )
+    .await;
+    (Arc::new(gw), dir)
+}
+
+#[tokio::test]
+async fn upstream_over_tls_with_ca_file() {
+    let (gw, _dir) = gateway_with_tls_eu(Faults::default()).await;
     let r = gw.get(EXPORT_EU, &token("billing")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-convocore-region"), Some("eu"));
@@ -1235,37 +1240,11 @@ async fn request_heads_have_10s_and_idle_keep_alive_connections_are_closed() {
 /// waiting request.
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_goaway_rotations_cost_no_request() {
-    let (ca_pem, cert_pem, key_pem) = test_pki();
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = dir.path().join("ca.pem");
-    std::fs::write(&ca_path, &ca_pem).unwrap();
-    let eu = MockConvocore::start_tls(
-        "eu",
-        UPSTREAM_TOKEN,
-        EU_AGENTS,
-        cert_pem.as_bytes(),
-        key_pem.as_bytes(),
-    )
-    .await
-    .unwrap();
-    eu.set_faults(Faults {
+    let (gw, _dir) = gateway_with_tls_eu(Faults {
         goaway_every: Some(20),
         ..Default::default()
-    });
-    let na = MockConvocore::start("na", UPSTREAM_TOKEN, NA_AGENTS)
-        .await
-        .unwrap();
-    let gw = Arc::new(
-        Gateway::start_with_mocks(
-            TestConfig {
-                upstream: format!("ca_file = \"{}\"\n", ca_path.display()),
-                ..Default::default()
-            },
-            eu,
-            na,
-        )
-        .await,
-    );
+    })
+    .await;
     let token = token("billing");
     let mut failed = Vec::new();
     for _ in 0..20 {
