@@ -134,7 +134,13 @@ fn benches(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let answer = app
                 .cache
-                .get(&policy.cache, black_box(&export), Mode::Normal, no_fetch)
+                .get(
+                    &policy.cache,
+                    black_box(&export),
+                    Mode::Normal,
+                    no_fetch,
+                    &std::sync::OnceLock::new(),
+                )
                 .await;
             answer.ok().unwrap()
         })

@@ -15,7 +15,7 @@ pub mod purge;
 pub mod store;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwapOption;
 use http::header::CACHE_CONTROL;
@@ -29,7 +29,7 @@ use crate::clock;
 use crate::config;
 pub use crate::domain::CacheStatus;
 use crate::domain::Export;
-use crate::upstream::{Failed, Fault, Fetched, Wanted};
+use crate::upstream::{Failed, Fault, Fetched, Sent, Wanted};
 
 /// What the caller's `Cache-Control` asks of the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,12 +176,15 @@ impl Cache {
 
     /// Answers `key` from the cache or through `fetch`, as `mode` and the entry's age allow.
     /// `fetch` runs in its own task, so a caller that goes away does not cancel it for others.
+    /// `sent` is given the fetch's [`Sent`] as soon as this caller waits on one, so a caller
+    /// that goes away can still tell whether its export went upstream.
     pub async fn get<F, Fut>(
         &self,
         settings: &Settings,
         key: &Export,
         mode: Mode,
         fetch: F,
+        sent: &OnceLock<Sent>,
     ) -> Result<Answer, Failed>
     where
         F: FnOnce(Wanted) -> Fut,
@@ -201,7 +204,7 @@ impl Cache {
         }
         // Boxed: everything but a fresh hit, so a hit's future stays small (the fetch and the
         // flight bookkeeping are kilobytes).
-        Box::pin(self.get_slow(settings, key, mode, fetch, entry)).await
+        Box::pin(self.get_slow(settings, key, mode, fetch, entry, sent)).await
     }
 
     /// [`Cache::get`] past a fresh hit: stale, missing, refreshed or bypassed. `entry` is what
@@ -213,6 +216,7 @@ impl Cache {
         mode: Mode,
         fetch: F,
         entry: Option<(Arc<Fetched>, Freshness)>,
+        sent: &OnceLock<Sent>,
     ) -> Result<Answer, Failed>
     where
         F: FnOnce(Wanted) -> Fut,
@@ -220,11 +224,15 @@ impl Cache {
     {
         if !settings.enabled || self.store.load().is_none() {
             // The caller's own future: it ends with the caller.
-            let fetched = fetch(Wanted::always()).await?;
+            let wanted = Wanted::always();
+            let _ = sent.set(wanted.sent.clone());
+            let fetched = fetch(wanted).await?;
             return Ok(forwarded(Arc::new(fetched), Detail::Disabled, true));
         }
         if mode == Mode::Bypass {
-            let fetched = fetch(Wanted::always()).await?;
+            let wanted = Wanted::always();
+            let _ = sent.set(wanted.sent.clone());
+            let fetched = fetch(wanted).await?;
             return Ok(Answer {
                 response: Arc::new(fetched),
                 status: CacheStatus::Bypass,
@@ -260,7 +268,10 @@ impl Cache {
             .join_or_start(settings, key, fetch, recheck, false)
             .await
         {
-            Joined::Flight(rx, leader, waiting) => (rx, leader, waiting),
+            Joined::Flight(rx, leader, waiting, flight_sent) => {
+                let _ = sent.set(flight_sent);
+                (rx, leader, waiting)
+            }
             Joined::Fresh(entry, age, ttl_left) => return Ok(hit(entry, age, ttl_left)),
         };
         let result = match rx.wait_for(Option::is_some).await {

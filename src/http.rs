@@ -75,7 +75,7 @@ async fn export<B>(
     };
     let answer = state
         .cache
-        .get(&policy.cache, export, mode, fetch)
+        .get(&policy.cache, export, mode, fetch, &access.sent)
         .await
         .map_err(|failed| {
             access.region = failed

@@ -24,7 +24,7 @@ use crate::config::{Config, ConfigError};
 use crate::domain::Export;
 use crate::metrics::{Resolved, UpstreamFailure};
 
-pub use self::pool::{Connector, Origins, SharedError, Wanted};
+pub use self::pool::{Connector, Origins, Sent, SharedError, Wanted};
 pub use self::region::{RegionId, Regions};
 use self::routing::{Learned, Route, Router};
 

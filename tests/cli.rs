@@ -924,6 +924,11 @@ async fn a_request_the_client_abandons_is_logged_and_counted_as_499() {
         line["error"].as_str().unwrap().contains("client closed"),
         "{line}"
     );
+    // Its export had gone upstream: the line says for how long so far.
+    assert!(
+        line["upstream_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{line}"
+    );
     assert_eq!(eu.request_count(), 1);
 }
 

@@ -17,7 +17,7 @@ use super::purge::Epochs;
 use super::store::Memory;
 use crate::clock;
 use crate::domain::Export;
-use crate::upstream::{Failed, Fetched, Wanted};
+use crate::upstream::{Failed, Fetched, Sent, Wanted};
 
 /// A flight's outcome: the response and whether it was stored.
 pub type FlightResult = Result<(Arc<Fetched>, bool), Failed>;
@@ -25,7 +25,7 @@ pub type FlightResult = Result<(Arc<Fetched>, bool), Failed>;
 pub enum Joined {
     /// Wait on this flight; `true` when this caller started it. The caller counts as waiting
     /// for as long as it holds the [`Waiting`].
-    Flight(watch::Receiver<Option<FlightResult>>, bool, Waiting),
+    Flight(watch::Receiver<Option<FlightResult>>, bool, Waiting, Sent),
     /// A fresh entry appeared meanwhile: it, its age and its freshness left.
     Fresh(Arc<Fetched>, Duration, Duration),
 }
@@ -47,8 +47,12 @@ impl Drop for Waiting {
     }
 }
 
-/// A flight: its outcome to come, and how many callers wait for it.
-type Flight = (watch::Receiver<Option<FlightResult>>, Arc<AtomicUsize>);
+/// A flight: its outcome to come, how many callers wait for it, and when it went upstream.
+type Flight = (
+    watch::Receiver<Option<FlightResult>>,
+    Arc<AtomicUsize>,
+    Sent,
+);
 
 /// Fetches in flight. An async mutex: a caller that finds no flight re-reads the store while
 /// holding it, so a flight that completes in between is never started twice.
@@ -73,12 +77,12 @@ impl Flights {
         Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
     {
         let mut flights = self.0.lock().await;
-        if let Some((rx, waiters)) = flights.get(key) {
+        if let Some((rx, waiters, sent)) = flights.get(key) {
             // A flight whose task ended without answering (it cannot, short of a panic) must
             // not answer for the key forever: start a new one instead.
             let abandoned = rx.has_changed().is_err() && rx.borrow().is_none();
             if !abandoned {
-                return Joined::Flight(rx.clone(), false, Waiting::enter(waiters));
+                return Joined::Flight(rx.clone(), false, Waiting::enter(waiters), sent.clone());
             }
         }
         if let (Some(windows), Some(current)) = (recheck, store.load_full()) {
@@ -95,14 +99,15 @@ impl Flights {
         let (tx, rx) = watch::channel(None);
         let waiters = Arc::new(AtomicUsize::new(0));
         let waiting = Waiting::enter(&waiters);
-        flights.insert(key.clone(), (rx.clone(), waiters.clone()));
-        drop(flights);
-
         let wanted = if background {
             Wanted::always()
         } else {
-            Wanted::while_waited(waiters)
+            Wanted::while_waited(waiters.clone())
         };
+        let sent = wanted.sent.clone();
+        flights.insert(key.clone(), (rx.clone(), waiters, sent.clone()));
+        drop(flights);
+
         let future = fetch(wanted);
         let store = store.clone();
         let flights = self.0.clone();
@@ -122,7 +127,7 @@ impl Flights {
             let _ = tx.send(Some(result));
         };
         tokio::spawn(task);
-        Joined::Flight(rx, true, waiting)
+        Joined::Flight(rx, true, waiting, sent)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The cache's decisions, on paused tokio time where time matters: modes, freshness windows,
 //! stale-if-error, stale-while-revalidate, resizing on reload, and purges in flight.
 use super::*;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::upstream::UpstreamError;
@@ -82,7 +83,13 @@ fn unreachable() -> Failed {
 
 async fn get(cache: &Cache, s: &Settings, k: &Export, body: &'static str) -> Answer {
     cache
-        .get(s, k, Mode::Normal, |_| async move { Ok(fetched(body)) })
+        .get(
+            s,
+            k,
+            Mode::Normal,
+            |_| async move { Ok(fetched(body)) },
+            &OnceLock::new(),
+        )
         .await
         .ok()
         .unwrap()
@@ -94,12 +101,18 @@ async fn a_fetch_that_dies_does_not_answer_for_its_key_forever() {
     let cache = Cache::new(&s);
     let key = key("c");
     let dead = cache
-        .get(&s, &key, Mode::Normal, |_| async {
-            if key_is_cursed() {
-                panic!("the fetch task dies");
-            }
-            Ok(fetched("never"))
-        })
+        .get(
+            &s,
+            &key,
+            Mode::Normal,
+            |_| async {
+                if key_is_cursed() {
+                    panic!("the fetch task dies");
+                }
+                Ok(fetched("never"))
+            },
+            &OnceLock::new(),
+        )
         .await;
     // The gateway's own fault, not the upstream's.
     assert!(matches!(
@@ -137,7 +150,11 @@ async fn stale_if_error_covers_a_failure_within_its_window_only() {
 
     tokio::time::advance(Duration::from_secs(31)).await;
     let failing = |_| async { Err(unreachable()) };
-    let stale = cache.get(&s, &k, Mode::Normal, failing).await.ok().unwrap();
+    let stale = cache
+        .get(&s, &k, Mode::Normal, failing, &OnceLock::new())
+        .await
+        .ok()
+        .unwrap();
     assert_eq!(stale.status, CacheStatus::Stale);
     assert_eq!(stale.response.body, "v1");
     assert_eq!(stale.age, Some(90));
@@ -150,7 +167,11 @@ async fn stale_if_error_covers_a_failure_within_its_window_only() {
     );
     // An upstream 5xx is covered the same way, and says its status.
     let five = |_| async { Ok(fetched_in("eu", StatusCode::BAD_GATEWAY, "down")) };
-    let stale = cache.get(&s, &k, Mode::Normal, five).await.ok().unwrap();
+    let stale = cache
+        .get(&s, &k, Mode::Normal, five, &OnceLock::new())
+        .await
+        .ok()
+        .unwrap();
     assert_eq!(
         stale.detail,
         Detail::StaleIfError {
@@ -161,7 +182,10 @@ async fn stale_if_error_covers_a_failure_within_its_window_only() {
 
     tokio::time::advance(Duration::from_secs(90)).await;
     let failing = |_| async { Err(unreachable()) };
-    assert!(cache.get(&s, &k, Mode::Normal, failing).await.is_err());
+    assert!(cache
+        .get(&s, &k, Mode::Normal, failing, &OnceLock::new())
+        .await
+        .is_err());
 }
 
 /// An entry past ttl but within stale-while-revalidate is served at once, and one
@@ -203,6 +227,7 @@ async fn configure_keeps_resizes_and_drops() {
                 &k,
                 Mode::Normal,
                 move |_| async move { Ok(fetched(body)) },
+                &OnceLock::new(),
             )
             .await
             .ok()
@@ -260,7 +285,11 @@ async fn a_purge_wins_over_a_fetch_of_its_own_conversation_only() {
                 let _ = gate.await;
                 Ok(fetched("fetched"))
             };
-            cache.get(&s, &key, Mode::Normal, fetch).await.ok().unwrap()
+            cache
+                .get(&s, &key, Mode::Normal, fetch, &OnceLock::new())
+                .await
+                .ok()
+                .unwrap()
         })
     };
     let (open_a, gate_a) = tokio::sync::oneshot::channel();

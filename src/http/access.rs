@@ -2,7 +2,7 @@
 //! by [`Access::finish`] with the response's status, or, when the client goes away first and
 //! hyper drops the request's future, by `drop` with nginx's 499.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,7 +17,7 @@ use crate::domain::Export;
 use crate::error::ApiError;
 use crate::metrics::{AuthReason, InFlight};
 use crate::state::{Policy, State};
-use crate::upstream::{RegionId, X_REQUEST_ID};
+use crate::upstream::{RegionId, Sent, X_REQUEST_ID};
 
 /// nginx's status for a request whose client went away before the response: logged and
 /// counted, never sent.
@@ -36,6 +36,9 @@ pub struct Access<'a> {
     pub cache: Option<CacheStatus>,
     /// Time spent upstream by this request's own fetch.
     pub upstream: Option<Duration>,
+    /// When the fetch this request waits on went upstream, if it did: what a request whose
+    /// client leaves records (the fetch goes on for the others, or for the cache).
+    pub sent: OnceLock<Sent>,
     error: Option<String>,
     done: bool,
 }
@@ -53,6 +56,7 @@ impl<'a> Access<'a> {
             region: None,
             cache: None,
             upstream: None,
+            sent: OnceLock::new(),
             error: None,
             done: false,
         }
@@ -121,6 +125,10 @@ impl Drop for Access<'_> {
         }
         self.error
             .get_or_insert_with(|| "the client closed the connection before the response".into());
+        // Its export went upstream meanwhile: upstream_ms says for how long so far.
+        if let Some(at) = self.sent.get().and_then(Sent::at) {
+            self.upstream.get_or_insert(at.age(crate::clock::now()));
+        }
         let status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
         self.write(status);
     }

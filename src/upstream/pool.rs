@@ -35,22 +35,53 @@ use crate::watch::Watched;
 
 /// Whether anyone still waits for an exchange's answer: the callers of a shared fetch (none
 /// left: nothing is sent), or always (a background refresh, a JWKS fetch, a caller's own
-/// uncached request, whose future ends with the caller).
+/// uncached request, whose future ends with the caller). It also notes when the fetch's first
+/// request went out, for the access line of a caller that leaves meanwhile.
 #[derive(Clone, Debug, Default)]
-pub struct Wanted(Option<Arc<std::sync::atomic::AtomicUsize>>);
+pub struct Wanted {
+    waiters: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    pub sent: Sent,
+}
+
+/// When a fetch's first request was sent upstream (wall-clock ms; 0: not yet).
+#[derive(Clone, Debug, Default)]
+pub struct Sent(Arc<std::sync::atomic::AtomicU64>);
+
+impl Sent {
+    /// When it was sent, if it was.
+    pub fn at(&self) -> Option<crate::clock::UnixMillis> {
+        match self.0.load(std::sync::atomic::Ordering::Acquire) {
+            0 => None,
+            ms => Some(crate::clock::UnixMillis(ms)),
+        }
+    }
+
+    fn mark(&self) {
+        let now = crate::clock::now().0.max(1);
+        let _ = self.0.compare_exchange(
+            0,
+            now,
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+        );
+    }
+}
 
 impl Wanted {
     pub fn always() -> Wanted {
-        Wanted(None)
+        Wanted::default()
     }
 
     /// Wanted while `waiters` is above zero.
     pub fn while_waited(waiters: Arc<std::sync::atomic::AtomicUsize>) -> Wanted {
-        Wanted(Some(waiters))
+        Wanted {
+            waiters: Some(waiters),
+            sent: Sent::default(),
+        }
     }
 
     pub fn still(&self) -> bool {
-        self.0
+        self.waiters
             .as_ref()
             .is_none_or(|w| w.load(std::sync::atomic::Ordering::Acquire) > 0)
     }
@@ -58,6 +89,7 @@ impl Wanted {
 
 /// Idle HTTP/1.1 connections kept per origin.
 pub const MAX_IDLE: usize = 256;
+
 /// How many times a request the server certainly did not process (HTTP/2 REFUSED_STREAM, or
 /// above a GOAWAY's last stream) is sent again, each time on a new connection.
 const UNPROCESSED_RETRIES: usize = 3;
@@ -212,6 +244,7 @@ impl Origin {
                 }
                 return Err(PoolError::Abandoned);
             }
+            wanted.sent.mark();
             let (mut failed, copy, generation) = match sender {
                 Sender::H1(mut idle) => {
                     request.headers_mut().insert(HOST, self.host_header.clone());
