@@ -944,21 +944,8 @@ async fn sighup_reloads_the_config_and_keeps_running() {
     })
     .await;
     let auth = bearer(&token("team-a"));
-    let get = |gw: &GatewayProcess| {
-        let auth = auth.clone();
-        let url = gw.api_url(EXPORT_EU);
-        async move {
-            try_send(
-                &http_client(),
-                Method::GET,
-                &url,
-                &[("authorization", &auth)],
-            )
-            .await
-            .unwrap()
-        }
-    };
-    assert_eq!(get(&gw).await.status, 200);
+    let authorized = [("authorization", auth.as_str())];
+    assert_eq!(gw.get(EXPORT_EU, &authorized).await.status, 200);
     let access_lines = |gw: &GatewayProcess| {
         gw.proc
             .stdout_json()
@@ -985,7 +972,7 @@ async fn sighup_reloads_the_config_and_keeps_running() {
         })
         .await;
     assert!(gw.proc.exited().is_none(), "SIGHUP ended the process");
-    let r = get(&gw).await;
+    let r = gw.get(EXPORT_EU, &authorized).await;
     assert_eq!(r.status, 403, "the new [teams]: {}", r.text());
     gw.proc
         .wait_for_line(QUICK, "an access line at info", |l| {
@@ -1014,7 +1001,11 @@ async fn sighup_reloads_the_config_and_keeps_running() {
     assert!(line.contains("cache.max_byte"), "{line}");
     assert!(line.contains("config.toml"), "{line}");
     assert_no_secrets("the refusal line", &line, &[]);
-    assert_eq!(get(&gw).await.status, 403, "the last good config stays");
+    assert_eq!(
+        gw.get(EXPORT_EU, &authorized).await.status,
+        403,
+        "the last good config stays"
+    );
     let metrics = gw.admin_get("/metrics").await.text();
     for line in [
         r#"convocore_gateway_config_reloads_total{result="ok"} 1"#,

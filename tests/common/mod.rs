@@ -208,6 +208,17 @@ level = "info"
     }
 }
 
+/// The mock EU and NA regions, with the agents of [`EU_AGENTS`] and [`NA_AGENTS`].
+pub async fn mocks() -> (MockConvocore, MockConvocore) {
+    let eu = MockConvocore::start("eu", UPSTREAM_TOKEN, EU_AGENTS)
+        .await
+        .unwrap();
+    let na = MockConvocore::start("na", UPSTREAM_TOKEN, NA_AGENTS)
+        .await
+        .unwrap();
+    (eu, na)
+}
+
 /// A running gateway with its two mock regions.
 pub struct Gateway {
     pub addr: std::net::SocketAddr,
@@ -237,12 +248,7 @@ impl Gateway {
     }
 
     pub async fn start_with(config: TestConfig) -> Gateway {
-        let eu = MockConvocore::start("eu", UPSTREAM_TOKEN, EU_AGENTS)
-            .await
-            .unwrap();
-        let na = MockConvocore::start("na", UPSTREAM_TOKEN, NA_AGENTS)
-            .await
-            .unwrap();
+        let (eu, na) = mocks().await;
         Self::start_with_mocks(config, eu, na).await
     }
 

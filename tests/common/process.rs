@@ -485,17 +485,6 @@ pub fn bearer(token: &str) -> String {
 // A running gateway
 // ---------------------------------------------------------------------------------------------
 
-/// The mock EU and NA regions, with the agents of [`EU_AGENTS`] and [`NA_AGENTS`].
-pub async fn mocks() -> (MockConvocore, MockConvocore) {
-    let eu = MockConvocore::start("eu", UPSTREAM_TOKEN, EU_AGENTS)
-        .await
-        .unwrap();
-    let na = MockConvocore::start("na", UPSTREAM_TOKEN, NA_AGENTS)
-        .await
-        .unwrap();
-    (eu, na)
-}
-
 /// `convocore-gateway --config <file>` running and healthy.
 pub struct GatewayProcess {
     pub proc: Proc,
