@@ -31,8 +31,51 @@ use self::routing::{Learned, Route, Router};
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Response headers passed from Convocore to the caller; nothing else is.
-pub const PASSED_HEADERS: [HeaderName; 4] =
+pub static PASSED_HEADERS: [HeaderName; 4] =
     [CONTENT_TYPE, CONTENT_DISPOSITION, ETAG, LAST_MODIFIED];
+
+/// The [`PASSED_HEADERS`] of one response, compact because every cached entry holds one: the
+/// values are slices of a single buffer of their own (a parsed value is a slice of the
+/// connection's read buffer, which a cached entry must not keep alive), in a fixed array
+/// instead of a `HeaderMap`'s two tables.
+#[derive(Debug, Clone, Default)]
+pub struct Passed([Option<HeaderValue>; 4]);
+
+impl Passed {
+    /// Copies the passed headers out of an upstream response's headers (the first value of each).
+    pub fn copy_from(headers: &HeaderMap) -> Passed {
+        let found = PASSED_HEADERS.each_ref().map(|name| headers.get(name));
+        let mut buffer = Vec::with_capacity(found.iter().flatten().map(|v| v.len()).sum());
+        for v in found.iter().flatten() {
+            buffer.extend_from_slice(v.as_bytes());
+        }
+        let buffer = Bytes::from(buffer);
+        let mut at = 0;
+        Passed(found.map(|v| {
+            let v = v?;
+            let slice = buffer.slice(at..at + v.len());
+            at += v.len();
+            HeaderValue::from_maybe_shared(slice).ok()
+        }))
+    }
+
+    pub fn get(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        let i = PASSED_HEADERS.iter().position(|n| n == name)?;
+        self.0[i].as_ref()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&'static HeaderName, &HeaderValue)> {
+        PASSED_HEADERS
+            .iter()
+            .zip(&self.0)
+            .filter_map(|(name, value)| Some((name, value.as_ref()?)))
+    }
+
+    /// Bytes of the values (the names are static).
+    pub fn value_bytes(&self) -> usize {
+        self.0.iter().flatten().map(HeaderValue::len).sum()
+    }
+}
 
 /// A failed exchange; cheap to clone, so one failure can answer every coalesced waiter.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -82,7 +125,7 @@ pub struct Failed {
 pub struct Fetched {
     pub status: StatusCode,
     /// Only [`PASSED_HEADERS`].
-    pub headers: HeaderMap,
+    pub headers: Passed,
     pub body: Bytes,
     /// False when Convocore said `Cache-Control: no-store` or `private`.
     pub storable: bool,

@@ -10,6 +10,7 @@
 #   bash benches/load/run.sh              # full run: 5 rounds x 10 s per target, 32 connections
 #   bash benches/load/run.sh --quick      # smoke run: 1 round x 1 s
 #   bash benches/load/run.sh --memory     # resident memory with max_bytes = 64MiB, 1 MiB exports
+#   bash benches/load/run.sh --memory-small   # resident memory per cached 2 KiB export, 32MiB
 set -euo pipefail
 
 usage() {
@@ -23,6 +24,8 @@ usage: benches/load/run.sh [options]
   --connections LIST wrk connections, e.g. 32 or 8,32 (default 32; one table per value)
   --memory           memory check instead: max_bytes = 64MiB filled with distinct 1 MiB exports
   --memory-exports N distinct exports per fill pass in --memory (default 100; two passes)
+  --memory-small     memory check with small exports: max_bytes = 32MiB, two passes of 16,000
+                     distinct 2 KiB exports (past the bound), then RSS per entry vs cache_bytes
   --keep             keep the temp dir (configs, logs, raw wrk output) and print its path
   -h, --help         this text
 
@@ -33,6 +36,7 @@ EOF
 
 # ---------------------------------------------------------------------------------- options
 ROUNDS="" DURATION="" WARMUP="" CONNECTIONS="32" QUICK=0 MEMORY=0 KEEP=0 MEM_EXPORTS=100
+MEMORY_SMALL=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -41,6 +45,7 @@ while [[ $# -gt 0 ]]; do
         --warmup) WARMUP="${2:?--warmup needs a value}"; shift ;;
         --connections) CONNECTIONS="${2:?--connections needs a value}"; shift ;;
         --memory) MEMORY=1 ;;
+        --memory-small) MEMORY_SMALL=1 ;;
         --memory-exports) MEM_EXPORTS="${2:?--memory-exports needs a value}"; shift ;;
         --keep) KEEP=1 ;;
         -h|--help) usage; exit 0 ;;
@@ -368,6 +373,50 @@ if [[ $MEMORY == 1 ]]; then
     say "memory: gateway VmRSS $(awk -v k="$rss" 'BEGIN { printf "%.1f", k / 1024 }') MiB" \
         "vs target 1.15 x 64 MiB + 40 MiB = $(awk -v k="$limit_kib" 'BEGIN { printf "%.1f", k / 1024 }') MiB" \
         "($threads OS threads)  $verdict"
+    exit 0
+fi
+
+# ------------------------------------------------------------------------ --memory-small
+if [[ $MEMORY_SMALL == 1 ]]; then
+    MIB=$((1024 * 1024)) SMALL=2048 PASS_EXPORTS=16000
+    say "memory check, small exports: gateway with max_bytes = 32MiB, bare upstream serving 2 KiB exports"
+    start_upstream "$SMALL" nopin
+    start_gateway "32MiB" nopin
+    JWT="$(mint_jwt)"
+    rss_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+    metric() {
+        curl -s --max-time 5 "http://127.0.0.1:$P_GWADM/metrics" \
+            | awk -v m="$1" '$1 == m { printf "%.0f", $2 }'
+    }
+    start_kib=$(rss_kib "$GW_PID" VmRSS)
+    say "  gateway VmRSS at start: $(( start_kib / 1024 )) MiB"
+    failures=0
+    for pass in 1 2; do
+        # One curl, one keep-alive connection, a URL glob: 16,000 requests in a few seconds.
+        curl -s --max-time 600 -H "Authorization: Bearer $JWT" \
+            -w '%{stderr}%{http_code} %{size_download}\n' \
+            "http://127.0.0.1:$P_GW/v3/agents/$AGENT/convos/small-$pass-[1-$PASS_EXPORTS]/export?format=json" \
+            >/dev/null 2>"$TMP/small-$pass.codes" || true
+        bad=$(grep -cv "^200 $SMALL\$" "$TMP/small-$pass.codes" || true)
+        failures=$((failures + bad))
+        sleep 2
+        entries="$(metric convocore_gateway_cache_entries)"
+        cbytes="$(metric convocore_gateway_cache_bytes)"
+        rss=$(rss_kib "$GW_PID" VmRSS)
+        grown=$(( (rss - start_kib) * 1024 ))
+        per_entry=$(( entries > 0 ? grown / entries : 0 ))
+        weight=$(( entries > 0 ? ${cbytes:-0} / entries : 0 ))
+        say "  after pass $pass ($((pass * PASS_EXPORTS)) distinct 2 KiB exports):" \
+            "VmRSS $(( rss / 1024 )) MiB (+$(( grown / MIB )) MiB), cache_entries ${entries:-?}," \
+            "cache_bytes $(( ${cbytes:-0} / MIB )) MiB; per entry: RSS $per_entry B, weight $weight B"
+    done
+    (( failures == 0 )) || say "  WARNING: $failures fill requests did not return 200 with 2 KiB"
+    limit=$(( 32 * MIB * 125 / 100 ))
+    verdict=FAIL
+    (( grown <= limit )) && verdict=PASS
+    say ""
+    say "memory-small: VmRSS grew $(awk -v b="$grown" 'BEGIN { printf "%.1f", b / 1048576 }') MiB" \
+        "for a 32 MiB bound (target <= 1.25 x 32 MiB = 40 MiB)  $verdict"
     exit 0
 fi
 

@@ -9,9 +9,11 @@ use std::time::Duration;
 use crate::domain::{Export, Format};
 use crate::upstream::Fetched;
 
-/// Per-entry memory beyond the body: the entry, key strings, headers and moka's bookkeeping,
-/// rounded up, so that `max_bytes` bounds real memory rather than body bytes alone.
-const ENTRY_OVERHEAD: usize = 512;
+/// Per-entry memory beyond the body, key strings and header values: the `Fetched` in its `Arc`
+/// (~320 bytes with its fixed header array), moka's entry, key and deque nodes, and the shared
+/// header buffer's control block. Measured by `tests/entry_memory.rs` (718 bytes with
+/// jemalloc), rounded up.
+const ENTRY_OVERHEAD: usize = 896;
 
 /// foldhash (randomly seeded per process) instead of SipHash: keys are hashed on every
 /// lookup, and a seeded hash keeps chosen ids from colliding on purpose.
@@ -130,12 +132,49 @@ impl Memory {
     }
 }
 
-/// What one entry costs: its body plus the bounded overhead of everything around it.
+/// What one entry costs: its body, key and header values as the allocator rounds them, plus
+/// the fixed part around them (see [`ENTRY_OVERHEAD`]).
 fn weight(key: &Export, entry: &Fetched) -> usize {
-    let headers: usize = entry
-        .headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 32)
-        .sum();
-    entry.body.len() + key.agent.len() + key.convo.len() + headers + ENTRY_OVERHEAD
+    allocated(entry.body.len())
+        + allocated(key.agent.len())
+        + allocated(key.convo.len())
+        + allocated(entry.headers.value_bytes())
+        + ENTRY_OVERHEAD
+}
+
+/// The bytes an allocation of `n` really takes: size classes four to a doubling, 16 bytes
+/// at least (jemalloc's, the binary's allocator; glibc's are finer, so this never undercounts).
+fn allocated(n: usize) -> usize {
+    if n <= 16 {
+        return 16;
+    }
+    let below = 1usize << (usize::BITS - 1 - (n - 1).leading_zeros());
+    let step = (below / 4).max(16);
+    n.div_ceil(step).saturating_mul(step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::allocated;
+
+    #[test]
+    fn allocations_round_to_size_classes() {
+        let cases = [
+            (0, 16),
+            (1, 16),
+            (16, 16),
+            (17, 32),
+            (33, 48),
+            (129, 160),
+            (256, 256),
+            (257, 320),
+            (2048, 2048),
+            (2049, 2560),
+            (1 << 20, 1 << 20),
+            ((1 << 20) + 1, (1 << 20) + (1 << 18)),
+        ];
+        for (n, want) in cases {
+            assert_eq!(allocated(n), want, "allocated({n})");
+        }
+    }
 }

@@ -41,7 +41,7 @@ fn failures() {
 fn fetched_in(region: &'static str, status: StatusCode, body: &'static str) -> Fetched {
     Fetched {
         status,
-        headers: HeaderMap::new(),
+        headers: crate::upstream::Passed::default(),
         body: bytes::Bytes::from_static(body.as_bytes()),
         storable: true,
         elapsed: Duration::ZERO,

@@ -24,7 +24,7 @@ pub fn export(answer: Answer) -> Response<Full<Bytes>> {
     *response.status_mut() = fetched.status;
     // Room for the passed headers, ours, X-Request-Id and the server's Date/Content-Length.
     let mut headers = HeaderMap::with_capacity(16);
-    for (name, value) in &fetched.headers {
+    for (name, value) in fetched.headers.iter() {
         headers.insert(name, value.clone());
     }
     headers.insert(&X_CONVOCORE_REGION, fetched.region.clone());

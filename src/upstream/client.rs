@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, USER_AGENT};
-use http::{HeaderMap, Request};
+use http::Request;
 use http_body_util::{BodyExt, Empty};
 use tokio::time::Instant;
 
 use super::pool::PoolError;
 use super::region::Region;
-use super::{Ask, Fetched, UpstreamError, PASSED_HEADERS, X_REQUEST_ID};
+use super::{Ask, Fetched, Passed, UpstreamError, X_REQUEST_ID};
 use crate::clock;
 use crate::domain::Format;
 
@@ -84,12 +84,6 @@ pub async fn exchange(
         .await
         .map_err(|_| UpstreamError::Timeout)??;
 
-    let mut headers = HeaderMap::with_capacity(PASSED_HEADERS.len());
-    for name in &PASSED_HEADERS {
-        if let Some(v) = parts.headers.get(name) {
-            headers.insert(name.clone(), v.clone());
-        }
-    }
     let storable = !parts.headers.get_all(CACHE_CONTROL).iter().any(|v| {
         v.to_str().is_ok_and(|v| {
             v.split(',').any(|d| {
@@ -102,7 +96,7 @@ pub async fn exchange(
     });
     Ok(Fetched {
         status: parts.status,
-        headers,
+        headers: Passed::copy_from(&parts.headers),
         body,
         storable,
         elapsed: started.elapsed(),
