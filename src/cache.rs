@@ -315,7 +315,13 @@ impl Cache {
                 }
             },
             Err(failed) => match stale {
-                Some((entry, age, past)) => Ok(stale_answer(entry, age, past, None, leader)),
+                Some((entry, age, past)) => {
+                    let fwd_status = match &failed.fault {
+                        Fault::Upstream(e) => e.fwd_status(),
+                        Fault::Internal(_) => None,
+                    };
+                    Ok(stale_answer(entry, age, past, fwd_status, leader))
+                }
                 None => Err(failed),
             },
         }

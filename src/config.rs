@@ -4,6 +4,7 @@
 
 mod auth;
 mod cache;
+pub mod limits;
 mod log;
 mod routing;
 mod server;
@@ -18,11 +19,12 @@ use serde::{Deserialize, Deserializer};
 
 pub use self::auth::{Auth, Key};
 pub use self::cache::Cache;
+pub use self::limits::{Limits, Rate};
 pub use self::log::{Log, LogFormat};
 pub use self::routing::Routing;
 pub use self::server::{Server, Tls};
 pub use self::teams::Team;
-pub use self::upstream::{Region, Upstream};
+pub use self::upstream::{Breaker, Region, Upstream};
 
 /// A configuration problem: which file, which key, what is wrong. Exit status 2.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -58,6 +60,8 @@ pub struct Config {
     pub auth: Auth,
     /// Absent: every authenticated team may export every agent.
     pub teams: Option<BTreeMap<String, Team>>,
+    #[serde(default)]
+    pub limits: Limits,
     #[serde(default)]
     pub cache: Cache,
     #[serde(default)]
@@ -143,6 +147,7 @@ impl Config {
         upstream::validate_regions(self)?;
         self.routing.validate(self)?;
         self.auth.validate(self)?;
+        self.limits.validate(self)?;
         if let Some(teams) = &self.teams {
             teams::validate(teams, self)?;
         }

@@ -119,9 +119,32 @@ pub enum ApiError {
         issue: &'static str,
         retry_after: u64,
     },
+    /// The caller's team is over its rate: 429 with `Retry-After` and the IETF
+    /// `RateLimit-Policy` / `RateLimit` fields.
+    #[error("team over its rate")]
+    RateLimited(RateLimited),
     /// The gateway's own fault (never Convocore's): 500.
     #[error("internal: {0}")]
     Internal(&'static str),
+}
+
+/// A team bucket's refusal, as the response says it.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimited {
+    /// Whole seconds until the next request is allowed (at least 1).
+    pub retry_after: u64,
+    /// The bucket's size and the seconds it takes to refill.
+    pub quota: u32,
+    pub window: u64,
+    /// Whole seconds until the bucket is full again.
+    pub reset: u64,
+}
+
+/// Whole seconds, rounded up, at least 1: what a `Retry-After` says.
+pub fn whole_seconds(d: std::time::Duration) -> u64 {
+    d.as_secs()
+        .saturating_add(u64::from(d.subsec_nanos() > 0))
+        .max(1)
 }
 
 impl ApiError {
@@ -139,7 +162,15 @@ impl ApiError {
                 | UpstreamError::TooLarge
                 | UpstreamError::Protocol(_),
             ) => StatusCode::BAD_GATEWAY,
-            ApiError::Upstream(UpstreamError::Abandoned) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Upstream(UpstreamError::Closed(_)) => StatusCode::BAD_GATEWAY,
+            ApiError::Upstream(UpstreamError::Paused(_)) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Upstream(
+                UpstreamError::Abandoned
+                | UpstreamError::BreakerOpen(_)
+                | UpstreamError::QueueFull
+                | UpstreamError::QueueTimeout,
+            ) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -182,6 +213,30 @@ impl ApiError {
                 "bad upstream response",
                 Some("the Convocore region sent an invalid response"),
             ),
+            ApiError::Upstream(UpstreamError::Closed(_)) => (
+                "bad upstream response",
+                Some("the Convocore region closed the connection before answering"),
+            ),
+            ApiError::Upstream(UpstreamError::Paused(_)) => (
+                "upstream rate limited",
+                Some("Convocore asked the gateway to slow down; this region is paused, try again after Retry-After"),
+            ),
+            ApiError::Upstream(UpstreamError::BreakerOpen(_)) => (
+                "service unavailable",
+                Some("the Convocore region is failing; requests to it are paused, try again after Retry-After"),
+            ),
+            ApiError::Upstream(UpstreamError::QueueFull) => (
+                "service unavailable",
+                Some("too many requests are waiting for this Convocore region"),
+            ),
+            ApiError::Upstream(UpstreamError::QueueTimeout) => (
+                "service unavailable",
+                Some("no upstream slot for this Convocore region came free within queue_timeout"),
+            ),
+            ApiError::RateLimited(_) => (
+                "rate limit exceeded",
+                Some("your team is over its request rate at the gateway; try again after Retry-After"),
+            ),
             ApiError::Unavailable { issue, .. } => ("service unavailable", Some(issue)),
             ApiError::Internal(_) => ("internal error", None),
         }
@@ -204,11 +259,36 @@ impl ApiError {
                 resp.headers_mut()
                     .insert(RETRY_AFTER, HeaderValue::from(*retry_after));
             }
+            ApiError::Upstream(UpstreamError::Paused(left) | UpstreamError::BreakerOpen(left)) => {
+                resp.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(whole_seconds(*left)));
+            }
+            ApiError::Upstream(UpstreamError::QueueFull | UpstreamError::QueueTimeout) => {
+                resp.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::RateLimited(r) => {
+                let headers = resp.headers_mut();
+                headers.insert(RETRY_AFTER, HeaderValue::from(r.retry_after));
+                // draft-ietf-httpapi-ratelimit-headers: the policy (quota q per window w
+                // seconds) and what is left of it (r remaining, t seconds to reset).
+                if let Ok(v) =
+                    HeaderValue::from_str(&format!("\"team\";q={};w={}", r.quota, r.window))
+                {
+                    headers.insert(RATELIMIT_POLICY.clone(), v);
+                }
+                if let Ok(v) = HeaderValue::from_str(&format!("\"team\";r=0;t={}", r.reset)) {
+                    headers.insert(RATELIMIT.clone(), v);
+                }
+            }
             _ => {}
         }
         resp
     }
 }
+
+pub static RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+pub static RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 
 /// RFC 6750 §3: no error attribute when no credentials were sent at all.
 fn www_authenticate(failure: AuthFailure) -> HeaderValue {

@@ -15,8 +15,9 @@ use http_body_util::Full;
 use self::access::Access;
 use crate::cache::{CacheStatus, Mode};
 use crate::domain::Export;
-use crate::error::ApiError;
+use crate::error::{whole_seconds, ApiError, RateLimited};
 use crate::state::{Policy, State};
+use crate::traffic::bucket::Verdict;
 use crate::upstream::{Ask, Fault, X_REQUEST_ID};
 
 /// The longest request target (path and query) accepted: `414` past it.
@@ -54,8 +55,26 @@ async fn export<B>(
         .await
         .map_err(ApiError::from)?;
     let allowed = policy.auth.authorize(&caller, &export.agent);
+    let team = caller.team.clone();
     access.caller = Some(caller);
     allowed?;
+    // The team's rate, hits included, before the cache.
+    if let Some((limit, listed)) = policy.teams.limit(&team) {
+        if let Verdict::Limited {
+            retry_after,
+            full_in,
+        } = state.traffic().take(&team, listed, limit)
+        {
+            policy.metrics.rate_limited(policy.auth.team_label(&team));
+            return Err(ApiError::RateLimited(RateLimited {
+                retry_after: whole_seconds(retry_after),
+                quota: limit.burst,
+                window: whole_seconds(limit.window()),
+                reset: whole_seconds(full_in),
+            }));
+        }
+    }
+    let weight = policy.teams.weight(&team);
 
     let mode = Mode::from_headers(req.headers());
     // Called only when the cache must go upstream (it may run in a flight task of its own).
@@ -63,12 +82,15 @@ async fn export<B>(
         let policy = policy.clone();
         let export: Export = export.clone();
         let request_id = access.request_id.clone();
+        let team = team.clone();
         async move {
             let ask = Ask {
                 metrics: &policy.metrics,
                 export: &export,
                 request_id: &request_id,
                 wanted: &wanted,
+                team: &team,
+                weight,
             };
             policy.upstream.fetch(&ask).await
         }

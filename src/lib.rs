@@ -3,7 +3,8 @@
 //! Module map: `config` → `state` (durable [`State`], per-config `Policy`) → `server`
 //! (listeners, drain) → `http` (route → verify → authorize → cache → upstream → respond,
 //! access line) over `auth`, `cache`, `upstream`; `admin`, `reload`, `tls`, `metrics`, `log`,
-//! `error`, `domain`, `clock`, `watch`; `demo` and `testing` (the mock Convocore). No cycles:
+//! `error`, `domain`, `clock`, `watch`, `traffic` (team buckets, fair queues, pauses, breakers,
+//! retries); `demo` and `testing` (the mock Convocore). No cycles:
 //! `domain` and `metrics` depend on nothing of the crate's but `domain`.
 //!
 //! `main`, the demo and the tests all start it the same way: build a [`State`] from a
@@ -25,6 +26,7 @@ pub mod server;
 pub mod state;
 pub mod testing;
 pub mod tls;
+pub mod traffic;
 pub mod upstream;
 pub mod watch;
 

@@ -26,6 +26,11 @@ const UPSTREAM_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Waits for an upstream slot: none at all, up to the 10 s default `queue_timeout` and past.
+const QUEUE_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
 /// The `reason` label of `auth_failures_total`: why a caller was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthReason {
@@ -126,6 +131,11 @@ pub struct Metrics {
     pub jwks_last_success: Gauge,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: Gauge,
+    pub rate_limited: IntCounterVec,
+    pub upstream_queue_depth: IntGaugeVec,
+    pub upstream_queue_wait: HistogramVec,
+    pub upstream_retries: IntCounterVec,
+    pub upstream_paused: IntGaugeVec,
 }
 
 /// The children of one configuration's label sets, resolved up front or on first use, so that
@@ -142,6 +152,9 @@ pub struct Resolved {
     region_labels: Vec<String>,
     /// `team_requests_total` children of the configured teams and `other`.
     team_children: HashMap<String, IntCounter>,
+    /// `rate_limited_total` children, likewise.
+    rate_limited: IntCounterVec,
+    rate_limited_children: HashMap<String, IntCounter>,
     /// `upstream_requests_total` children by (region, status 100..=599 or an
     /// [`UpstreamFailure`]), made on first use, and `upstream_duration_seconds` by region.
     upstream_children: Vec<OnceLock<IntCounter>>,
@@ -244,6 +257,43 @@ impl Metrics {
             "Unix time the configuration in force was loaded (at start or by a reload).",
         )?;
 
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "convocore_gateway_rate_limited_total",
+                "Requests refused with 429 because their team was over its rate, by team.",
+            ),
+            &["team"],
+        )?;
+        let upstream_queue_depth = IntGaugeVec::new(
+            Opts::new(
+                "convocore_gateway_upstream_queue_depth",
+                "Requests waiting for an upstream slot, by region.",
+            ),
+            &["region"],
+        )?;
+        let upstream_queue_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "convocore_gateway_upstream_queue_wait_seconds",
+                "Time requests waited for an upstream slot, by region.",
+            )
+            .buckets(QUEUE_BUCKETS.to_vec()),
+            &["region"],
+        )?;
+        let upstream_retries = IntCounterVec::new(
+            Opts::new(
+                "convocore_gateway_upstream_retries_total",
+                "Upstream exchanges tried again, by region.",
+            ),
+            &["region"],
+        )?;
+        let upstream_paused = IntGaugeVec::new(
+            Opts::new(
+                "convocore_gateway_upstream_paused",
+                "1 while nothing is sent to a region: paused by a 429 (rate_limited) or its breaker open (breaker).",
+            ),
+            &["region", "reason"],
+        )?;
+
         // Children that exist from the start, so dashboards and alerts see zeros, not gaps.
         for reason in AuthReason::ALL {
             auth_failures.with_label_values(&[reason.label()]);
@@ -268,6 +318,11 @@ impl Metrics {
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(config_last_reload_success.clone()))?;
+        registry.register(Box::new(rate_limited.clone()))?;
+        registry.register(Box::new(upstream_queue_depth.clone()))?;
+        registry.register(Box::new(upstream_queue_wait.clone()))?;
+        registry.register(Box::new(upstream_retries.clone()))?;
+        registry.register(Box::new(upstream_paused.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -298,6 +353,11 @@ impl Metrics {
             jwks_last_success,
             config_reloads,
             config_last_reload_success,
+            rate_limited,
+            upstream_queue_depth,
+            upstream_queue_wait,
+            upstream_retries,
+            upstream_paused,
         })
     }
 
@@ -317,6 +377,12 @@ impl Metrics {
                 .iter()
                 .chain(std::iter::once(&"other"))
                 .map(|t| (t.to_string(), self.team_requests.with_label_values(&[t])))
+                .collect(),
+            rate_limited: self.rate_limited.clone(),
+            rate_limited_children: teams
+                .iter()
+                .chain(std::iter::once(&"other"))
+                .map(|t| (t.to_string(), self.rate_limited.with_label_values(&[t])))
                 .collect(),
             upstream_children: (0..regions.len() * UPSTREAM_SLOTS)
                 .map(|_| OnceLock::new())
@@ -377,6 +443,14 @@ pub fn unix_now() -> f64 {
 }
 
 impl Resolved {
+    /// Counts a request refused by its team's bucket (`team`: its metric label).
+    pub fn rate_limited(&self, team: &str) {
+        match self.rate_limited_children.get(team) {
+            Some(counter) => counter.inc(),
+            None => self.rate_limited.with_label_values(&[team]).inc(),
+        }
+    }
+
     /// Counts one finished request: `requests_total`, its duration, and its team.
     pub fn record_request(
         &self,

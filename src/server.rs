@@ -183,6 +183,15 @@ async fn maintain_cache(state: std::sync::Weak<State>) {
         tick.tick().await;
         let Some(state) = state.upgrade() else { return };
         state.cache.maintain().await;
+        // Team buckets that are full again hold nothing worth keeping.
+        let policy = state.policy();
+        state.traffic().sweep(|team| {
+            policy
+                .config
+                .teams
+                .as_ref()
+                .is_some_and(|t| t.contains_key(team))
+        });
     }
 }
 

@@ -20,6 +20,7 @@ use crate::cache::{self, Cache};
 use crate::config::{Config, ConfigError};
 use crate::metrics::{Metrics, Resolved};
 use crate::tls::Tls;
+use crate::traffic::{TeamRules, Traffic};
 use crate::upstream::routing::Learned;
 use crate::upstream::{Origins, Upstream};
 use crate::watch::Stamp;
@@ -34,6 +35,8 @@ pub struct Policy {
     pub cache: cache::Settings,
     pub metrics: Resolved,
     pub tls: Option<Tls>,
+    /// The teams' rates and shares.
+    pub teams: TeamRules,
 }
 
 /// The durable half, built once.
@@ -62,6 +65,7 @@ impl State {
             verified: Arc::new(VerifiedTokens::default()),
             learned: Arc::new(Learned::default()),
             generations: AtomicU64::new(0),
+            traffic: Arc::new(Traffic::new(&metrics)),
         };
         // The version of the file this config came from, for the file watcher.
         let stamp = Stamp::of(&config.path).ok();
@@ -91,9 +95,16 @@ impl State {
         self.policy.load_full()
     }
 
-    /// Puts a new policy in force for the requests that start from now on.
+    /// Puts a new policy in force for the requests that start from now on; the traffic
+    /// state of regions it no longer has goes.
     pub(crate) fn install(&self, policy: Policy) {
+        self.parts.traffic.retain(&policy.config);
         self.policy.store(Arc::new(policy));
+    }
+
+    /// Team buckets, region queues, pauses and breakers.
+    pub fn traffic(&self) -> &Traffic {
+        &self.parts.traffic
     }
 
     /// `/readyz`: config, files and tokens are loaded by construction; every `jwks_url` must
@@ -136,6 +147,7 @@ struct Parts {
     verified: Arc<VerifiedTokens>,
     learned: Arc<Learned>,
     generations: AtomicU64,
+    traffic: Arc<Traffic>,
 }
 
 impl Parts {
@@ -154,8 +166,13 @@ impl Parts {
                 };
                 config.err(key, m)
             })?;
-        let upstream =
-            Upstream::from_config(&config, &self.origins, &connector, self.learned.clone())?;
+        let upstream = Upstream::from_config(
+            &config,
+            &self.origins,
+            &connector,
+            &self.traffic,
+            self.learned.clone(),
+        )?;
         let cx = Context {
             origins: &self.origins,
             connector: &connector,
@@ -172,6 +189,7 @@ impl Parts {
             .flat_map(|t| t.keys().map(String::as_str))
             .collect();
         let metrics = metrics.resolve(&upstream.regions.names(), &teams);
+        let teams = TeamRules::from_config(&config);
         Ok(Policy {
             cache: cache::Settings::from_config(&config.cache),
             config,
@@ -180,6 +198,7 @@ impl Parts {
             upstream,
             metrics,
             tls,
+            teams,
         })
     }
 }

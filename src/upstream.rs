@@ -1,7 +1,7 @@
 //! The Convocore side: the regions with their tokens and connection pools (HTTP/1.1, and
 //! HTTP/2 by ALPN over rustls; see [`pool`]), routing and discovery of an agent's region, and
-//! one exchange per export ([`client`]). The outbound layers to come (breaker, quota, retry)
-//! sit between [`Upstream::fetch`] and the client, in that order.
+//! one exchange per export ([`client`]). Between [`Upstream::fetch`] and the client sits each
+//! region's traffic control ([`crate::traffic`]): pause and breaker, fair queue, retries.
 
 pub mod client;
 pub mod pool;
@@ -23,8 +23,9 @@ use crate::clock::UnixMillis;
 use crate::config::{Config, ConfigError};
 use crate::domain::Export;
 use crate::metrics::{Resolved, UpstreamFailure};
+use crate::traffic::{gate, queue, retry, Traffic};
 
-pub use self::pool::{Connector, Origins, Sent, SharedError, Wanted};
+pub use self::pool::{Connector, Origins, Sent, SharedError, Waiters, Wanted};
 pub use self::region::{RegionId, Regions};
 use self::routing::{Learned, Route, Router};
 
@@ -91,6 +92,21 @@ pub enum UpstreamError {
     /// Not sent: every caller of the fetch had gone before a connection was free.
     #[error("not sent: every caller had gone")]
     Abandoned,
+    /// The connection closed before a response came.
+    #[error("connection closed before a response: {0}")]
+    Closed(#[source] SharedError),
+    /// Not sent: the region is paused by Convocore's `429` for this much longer.
+    #[error("not sent: the region is paused by Convocore's 429")]
+    Paused(Duration),
+    /// Not sent: the region's breaker is open for this much longer.
+    #[error("not sent: the region's breaker is open")]
+    BreakerOpen(Duration),
+    /// Not sent: the region's queue was full.
+    #[error("not sent: the region's queue is full")]
+    QueueFull,
+    /// Not sent: no upstream slot came free within `queue_timeout`.
+    #[error("not sent: no upstream slot within queue_timeout")]
+    QueueTimeout,
 }
 
 impl UpstreamError {
@@ -99,6 +115,26 @@ impl UpstreamError {
         match self {
             UpstreamError::Timeout => UpstreamFailure::Timeout,
             _ => UpstreamFailure::Error,
+        }
+    }
+
+    /// Whether nothing went to Convocore (the gateway held it back).
+    pub fn not_sent(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Abandoned
+                | UpstreamError::Paused(_)
+                | UpstreamError::BreakerOpen(_)
+                | UpstreamError::QueueFull
+                | UpstreamError::QueueTimeout
+        )
+    }
+
+    /// The status a stale answer names as `fwd-status`: a paused region stands for its 429.
+    pub fn fwd_status(&self) -> Option<u16> {
+        match self {
+            UpstreamError::Paused(_) => Some(429),
+            _ => None,
         }
     }
 }
@@ -135,6 +171,35 @@ pub struct Fetched {
     pub received: UnixMillis,
     /// The name of the region that answered (also its `X-Convocore-Region` value).
     pub region: HeaderValue,
+    /// Convocore's `Retry-After`, as a delay from when it came.
+    pub retry_after: Option<Duration>,
+}
+
+/// Whether a failed exchange is tried again: Convocore cannot have acted on it (no
+/// connection, or closed before a response) or said it may be (`502`/`503`/`504` without
+/// `Retry-After`). Never a `429`, never a `503` with `Retry-After`.
+fn retryable(result: &Result<Fetched, UpstreamError>) -> bool {
+    match result {
+        Err(UpstreamError::Unreachable(_) | UpstreamError::Closed(_)) => true,
+        Ok(f) => {
+            matches!(
+                f.status,
+                StatusCode::BAD_GATEWAY
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::GATEWAY_TIMEOUT
+            ) && f.retry_after.is_none()
+        }
+        Err(_) => false,
+    }
+}
+
+impl From<gate::Closed> for UpstreamError {
+    fn from(closed: gate::Closed) -> UpstreamError {
+        match closed {
+            gate::Closed::Paused(left) => UpstreamError::Paused(left),
+            gate::Closed::Open(left) => UpstreamError::BreakerOpen(left),
+        }
+    }
 }
 
 /// One fetch's particulars, as they travel down to the client: the export, the request id
@@ -144,6 +209,10 @@ pub struct Ask<'a> {
     pub export: &'a Export,
     pub request_id: &'a HeaderValue,
     pub wanted: &'a Wanted,
+    /// The team the exchange is charged to (the caller that leads the fetch), and its weight
+    /// in the regions' fair queues.
+    pub team: &'a str,
+    pub weight: u32,
 }
 
 /// One configuration's upstream side: its regions and routing, and the exchange limits.
@@ -161,15 +230,17 @@ impl Upstream {
         config: &Config,
         origins: &Origins,
         connector: &Connector,
+        traffic: &Traffic,
         learned: Arc<Learned>,
     ) -> Result<Upstream, ConfigError> {
-        let regions = Regions::from_config(config, origins, connector)?;
+        let regions = Regions::from_config(config, origins, connector, traffic)?;
         Ok(Upstream {
             router: Router::new(config, &regions),
             regions,
             limits: client::Limits {
                 request_timeout: config.upstream.request_timeout,
                 max_response_bytes: config.upstream.max_response_bytes,
+                retries: config.upstream.retries,
             },
             learned,
         })
@@ -195,7 +266,10 @@ impl Upstream {
         }
     }
 
-    /// One exchange with one region, counted in the upstream metrics.
+    /// One exchange with one region, through its traffic control: nothing is sent while the
+    /// region is paused or its breaker open; the exchange waits for a slot in the region's
+    /// fair queue; a failure Convocore cannot have acted on is tried again within the retry
+    /// budget. Each attempt is counted in the upstream metrics.
     async fn fetch_from(&self, ask: &Ask<'_>, id: RegionId) -> Result<Fetched, Failed> {
         let Some(region) = self.regions.get(id) else {
             return Err(Failed {
@@ -203,21 +277,64 @@ impl Upstream {
                 fault: Fault::Internal("a route named a region this configuration lacks"),
             });
         };
-        let started = Instant::now();
-        let result = client::exchange(&self.limits, region, ask).await;
-        let status = match &result {
-            Ok(f) => Some(Ok(f.status)),
-            // Nothing was sent: not an exchange.
-            Err(UpstreamError::Abandoned) => None,
-            Err(e) => Some(Err(e.failure())),
-        };
-        if let Some(status) = status {
-            ask.metrics.record_upstream(id, status, started.elapsed());
-        }
-        result.map_err(|error| Failed {
+        let failed = |error: UpstreamError| Failed {
             region: Some(region.header.clone()),
             fault: Fault::Upstream(error),
-        })
+        };
+        let traffic = &region.traffic;
+        // Closed regions answer at once: no queueing for a region nothing may be sent to.
+        traffic.gate.peek().map_err(|c| failed(c.into()))?;
+        let slot = traffic
+            .queue
+            .acquire(ask.team, ask.weight, ask.wanted.gone())
+            .await;
+        let (_permit, waited) = match slot {
+            Ok(Some(slot)) => slot,
+            Ok(None) => return Err(failed(UpstreamError::Abandoned)),
+            Err(queue::Refused::Full) => return Err(failed(UpstreamError::QueueFull)),
+            Err(queue::Refused::Timeout) => return Err(failed(UpstreamError::QueueTimeout)),
+        };
+        ask.wanted.sent.queued(waited);
+        let deadline = Instant::now() + self.limits.request_timeout;
+        traffic.budget.attempt(Instant::now());
+        let mut attempt = 0;
+        loop {
+            // Paused or opened while this one waited: still nothing is sent.
+            let ticket = traffic.gate.admit().map_err(|c| failed(c.into()))?;
+            let started = Instant::now();
+            let result = client::exchange(&self.limits, region, ask, deadline).await;
+            let outcome = match &result {
+                Ok(f) if f.status == StatusCode::TOO_MANY_REQUESTS => {
+                    gate::Outcome::RateLimited(f.retry_after.unwrap_or(gate::DEFAULT_PAUSE))
+                }
+                Ok(f) if f.status.is_server_error() && f.status != StatusCode::NOT_IMPLEMENTED => {
+                    gate::Outcome::Failure
+                }
+                Ok(_) | Err(UpstreamError::TooLarge) => gate::Outcome::Success,
+                Err(e) if e.not_sent() => gate::Outcome::NotSent,
+                Err(_) => gate::Outcome::Failure,
+            };
+            ticket.report(outcome);
+            if !matches!(&result, Err(e) if e.not_sent()) {
+                let status = match &result {
+                    Ok(f) => Ok(f.status),
+                    Err(e) => Err(e.failure()),
+                };
+                ask.metrics.record_upstream(id, status, started.elapsed());
+            }
+            if attempt < self.limits.retries && retryable(&result) && ask.wanted.still() {
+                let pause = retry::backoff();
+                let now = Instant::now();
+                if now + pause < deadline && traffic.budget.try_retry(now) {
+                    attempt += 1;
+                    traffic.retries.inc();
+                    tokio::time::sleep(pause).await;
+                    traffic.queue.pace().await;
+                    continue;
+                }
+            }
+            return result.map_err(failed);
+        }
     }
 
     /// Asks the default region and on its 404 the others in turn, and remembers the region

@@ -525,7 +525,12 @@ fn assert_stale_if_error(r: &Resp, cached: &Resp) {
 }
 
 async fn stale_on_status(status: u16) {
-    let gw = Gateway::start_with(with_cache(SIE)).await;
+    // Without retries, so that each request makes one exchange (retries: tests/traffic.rs).
+    let gw = Gateway::start_with(TestConfig {
+        upstream: "retries = 0\n".into(),
+        ..with_cache(SIE)
+    })
+    .await;
     let t = token("billing");
     let cached = fill_and_expire(&gw, &t).await;
     gw.eu.set_faults(Faults {
@@ -541,10 +546,25 @@ async fn stale_on_status(status: u16) {
     );
     assert_eq!(gw.upstream_count(), 2, "the upstream was asked");
 
-    // Still failing: still stale. Recovered: a fresh fetch replaces the entry.
-    assert_stale_if_error(&gw.get(EXPORT_EU, &t).await, &cached);
+    // Still failing: still stale. A 429 paused the region (1 s without Retry-After): the
+    // stale entry is served without asking, and says so.
+    let r = gw.get(EXPORT_EU, &t).await;
+    assert_stale_if_error(&r, &cached);
+    if status == 429 {
+        assert!(
+            cache_status(&r).contains("fwd-status=429"),
+            "{}",
+            cache_status(&r)
+        );
+        assert_eq!(gw.upstream_count(), 2, "nothing is sent to a paused region");
+        tokio::time::sleep(ms(1100)).await;
+        assert_stale_if_error(&gw.get(EXPORT_EU, &t).await, &cached);
+    }
     assert_eq!(gw.upstream_count(), 3);
     gw.eu.set_faults(Faults::default());
+    if status == 429 {
+        tokio::time::sleep(ms(1100)).await;
+    }
     let r = gw.get(EXPORT_EU, &t).await;
     assert_eq!(r.status, 200);
     assert_eq!(x_cache(&r), "MISS");

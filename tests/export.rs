@@ -592,12 +592,18 @@ async fn discovery_of_an_agent_no_region_knows_passes_the_404_through() {
 
 #[tokio::test]
 async fn upstream_errors_pass_through_unchanged() {
-    let gw = Gateway::start().await;
+    // One exchange per request (retries of 503: tests/traffic.rs); the 429 last, as it pauses
+    // the region.
+    let gw = Gateway::start_with(TestConfig {
+        upstream: "retries = 0\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
     for (status, code) in [
         (500u16, "INTERNAL_SERVER_ERROR"),
-        (429, "TOO_MANY_REQUESTS"),
         (403, "FORBIDDEN"),
         (503, "SERVICE_UNAVAILABLE"),
+        (429, "TOO_MANY_REQUESTS"),
     ] {
         gw.eu.set_faults(Faults {
             status: Some(status),
@@ -616,6 +622,7 @@ async fn upstream_errors_pass_through_unchanged() {
 
     // An upstream 401 (its token refused) is the upstream's, not a gateway auth error.
     gw.eu.set_faults(Faults::default());
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the 429's pause
     gw.eu.set_token("something-else");
     let r = gw.get(EXPORT_EU, &token("billing")).await;
     assert_eq!(r.status, 401);

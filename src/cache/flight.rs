@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use super::purge::Epochs;
 use super::store::Memory;
 use crate::clock;
 use crate::domain::Export;
-use crate::upstream::{Failed, Fetched, Sent, Wanted};
+use crate::upstream::{Failed, Fetched, Sent, Waiters, Wanted};
 
 /// A flight's outcome: the response and whether it was stored.
 pub type FlightResult = Result<(Arc<Fetched>, bool), Failed>;
@@ -32,27 +31,23 @@ pub enum Joined {
 
 /// One caller waiting on a flight, counted until dropped (answered, or gone): a flight whose
 /// every caller has gone sends nothing upstream (see [`Wanted`]).
-pub struct Waiting(Arc<AtomicUsize>);
+pub struct Waiting(Arc<Waiters>);
 
 impl Waiting {
-    fn enter(waiters: &Arc<AtomicUsize>) -> Waiting {
-        waiters.fetch_add(1, Ordering::AcqRel);
+    fn enter(waiters: &Arc<Waiters>) -> Waiting {
+        waiters.enter();
         Waiting(waiters.clone())
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.leave();
     }
 }
 
 /// A flight: its outcome to come, how many callers wait for it, and when it went upstream.
-type Flight = (
-    watch::Receiver<Option<FlightResult>>,
-    Arc<AtomicUsize>,
-    Sent,
-);
+type Flight = (watch::Receiver<Option<FlightResult>>, Arc<Waiters>, Sent);
 
 /// Fetches in flight. An async mutex: a caller that finds no flight re-reads the store while
 /// holding it, so a flight that completes in between is never started twice.
@@ -97,7 +92,7 @@ impl Flights {
             }
         }
         let (tx, rx) = watch::channel(None);
-        let waiters = Arc::new(AtomicUsize::new(0));
+        let waiters = Arc::new(Waiters::default());
         let waiting = Waiting::enter(&waiters);
         let wanted = if background {
             Wanted::always()

@@ -47,6 +47,7 @@ fn fetched_in(region: &'static str, status: StatusCode, body: &'static str) -> F
         elapsed: Duration::ZERO,
         received: clock::now(),
         region: HeaderValue::from_static(region),
+        retry_after: None,
     }
 }
 

@@ -7,7 +7,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::limits::Rate;
 use super::{size, Config, ConfigError};
+
+/// The most exchanges in flight, and the longest queue, a region may be given.
+const MAX_CONCURRENCY: usize = 10_000;
+const MAX_QUEUE: usize = 1_000_000;
+const MAX_RETRIES: u32 = 5;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -21,6 +27,39 @@ pub struct Upstream {
     #[serde(deserialize_with = "size")]
     pub max_response_bytes: u64,
     pub ca_file: Option<PathBuf>,
+    /// Per region: exchanges in flight at once; more wait in the region's fair queue.
+    pub max_concurrency: usize,
+    /// Per region: exchanges started per second or minute; absent, no cap.
+    pub rate: Option<Rate>,
+    /// Per region: requests waiting for a slot; beyond, 503.
+    pub max_queue: usize,
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// Extra attempts for an exchange that failed before Convocore could process it.
+    pub retries: u32,
+    pub breaker: Breaker,
+}
+
+/// `[upstream.breaker]`, per region.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Breaker {
+    pub failure_ratio: f64,
+    pub window: usize,
+    pub min_exchanges: usize,
+    #[serde(with = "humantime_serde")]
+    pub open_for: Duration,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker {
+            failure_ratio: 0.5,
+            window: 20,
+            min_exchanges: 10,
+            open_for: Duration::from_secs(5),
+        }
+    }
 }
 
 impl Default for Upstream {
@@ -32,6 +71,12 @@ impl Default for Upstream {
             request_timeout: Duration::from_secs(30),
             max_response_bytes: 32 << 20,
             ca_file: None,
+            max_concurrency: 32,
+            rate: None,
+            max_queue: 1000,
+            queue_timeout: Duration::from_secs(10),
+            retries: 1,
+            breaker: Breaker::default(),
         }
     }
 }
@@ -58,8 +103,69 @@ impl Upstream {
                 "set token_env or token_file, not both",
             ));
         }
+        check_slots(
+            "upstream",
+            Some(self.max_concurrency),
+            Some(self.max_queue),
+            Some(self.queue_timeout),
+            c,
+        )?;
+        if self.retries > MAX_RETRIES {
+            return Err(c.err("upstream.retries", format!("must be at most {MAX_RETRIES}")));
+        }
+        let b = &self.breaker;
+        if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+            return Err(c.err(
+                "upstream.breaker.failure_ratio",
+                "must be above 0 and at most 1",
+            ));
+        }
+        if b.window == 0 || b.window > 10_000 {
+            return Err(c.err("upstream.breaker.window", "must be 1 to 10000"));
+        }
+        if b.min_exchanges == 0 || b.min_exchanges > b.window {
+            return Err(c.err(
+                "upstream.breaker.min_exchanges",
+                "must be at least 1 and at most window",
+            ));
+        }
+        if b.open_for.is_zero() || b.open_for > Duration::from_secs(3600) {
+            return Err(c.err(
+                "upstream.breaker.open_for",
+                "must be above 0 and at most 1h",
+            ));
+        }
         Ok(())
     }
+}
+
+/// The slot settings shared by `[upstream]` and a region's overrides.
+fn check_slots(
+    at: &str,
+    max_concurrency: Option<usize>,
+    max_queue: Option<usize>,
+    queue_timeout: Option<Duration>,
+    c: &Config,
+) -> Result<(), ConfigError> {
+    if max_concurrency.is_some_and(|n| n == 0 || n > MAX_CONCURRENCY) {
+        return Err(c.err(
+            format!("{at}.max_concurrency"),
+            format!("must be 1 to {MAX_CONCURRENCY}"),
+        ));
+    }
+    if max_queue.is_some_and(|n| n > MAX_QUEUE) {
+        return Err(c.err(
+            format!("{at}.max_queue"),
+            format!("must be at most {MAX_QUEUE}"),
+        ));
+    }
+    if queue_timeout.is_some_and(|t| t.is_zero() || t > Duration::from_secs(3600)) {
+        return Err(c.err(
+            format!("{at}.queue_timeout"),
+            "must be above 0 and at most 1h",
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +174,12 @@ pub struct Region {
     pub base_url: String,
     pub token_env: Option<String>,
     pub token_file: Option<PathBuf>,
+    /// Overrides of `[upstream]`'s slot settings for this region.
+    pub max_concurrency: Option<usize>,
+    pub rate: Option<Rate>,
+    pub max_queue: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub queue_timeout: Option<Duration>,
 }
 
 pub(super) fn default_regions() -> BTreeMap<String, Region> {
@@ -75,6 +187,10 @@ pub(super) fn default_regions() -> BTreeMap<String, Region> {
         base_url: url.to_string(),
         token_env: None,
         token_file: None,
+        max_concurrency: None,
+        rate: None,
+        max_queue: None,
+        queue_timeout: None,
     };
     BTreeMap::from([
         (
@@ -110,6 +226,13 @@ pub(super) fn validate_regions(c: &Config) -> Result<(), ConfigError> {
                 "set token_env or token_file, not both",
             ));
         }
+        check_slots(
+            &key,
+            region.max_concurrency,
+            region.max_queue,
+            region.queue_timeout,
+            c,
+        )?;
         if !c.upstream.has_token() && region.token_env.is_none() && region.token_file.is_none() {
             return Err(c.err(
                 "upstream.token_env",

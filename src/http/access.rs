@@ -112,6 +112,7 @@ impl<'a> Access<'a> {
             cache = self.cache.map(CacheStatus::label).unwrap_or("none"),
             duration_ms = ms(elapsed),
             upstream_ms = self.upstream.map(ms).unwrap_or(0.0),
+            queue_ms = self.sent.get().and_then(Sent::queue_wait).map(ms).unwrap_or(0.0),
             error = self.error.as_deref().unwrap_or(""),
             "request"
         );

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, USER_AGENT};
+use http::header::{
+    HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, RETRY_AFTER, USER_AGENT,
+};
 use http::Request;
 use http_body_util::{BodyExt, Empty};
 use tokio::time::Instant;
@@ -24,15 +26,19 @@ use crate::domain::Format;
 pub struct Limits {
     pub request_timeout: Duration,
     pub max_response_bytes: u64,
+    /// Extra attempts for an exchange Convocore cannot have acted on.
+    pub retries: u32,
 }
 
 static USER_AGENT_VALUE: HeaderValue =
     HeaderValue::from_static(concat!("convocore-gateway/", env!("CARGO_PKG_VERSION")));
 
+/// One exchange, to be done by `deadline` (the fetch's `request_timeout`, retries included).
 pub async fn exchange(
     limits: &Limits,
     region: &Region,
     ask: &Ask<'_>,
+    deadline: Instant,
 ) -> Result<Fetched, UpstreamError> {
     let (export, request_id) = (ask.export, ask.request_id);
     let uri = format!(
@@ -64,6 +70,12 @@ pub async fn exchange(
             .map_err(|e| match e {
                 PoolError::Abandoned => UpstreamError::Abandoned,
                 PoolError::Connect(e) => UpstreamError::Unreachable(e),
+                // Closed before a response: Convocore did not answer it (retry-safe for a GET).
+                PoolError::Http(e)
+                    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() =>
+                {
+                    UpstreamError::Closed(Arc::new(e))
+                }
                 PoolError::Http(e) => UpstreamError::Protocol(Arc::new(e)),
             })?;
         let (parts, body) = response.into_parts();
@@ -80,7 +92,7 @@ pub async fn exchange(
         origin.release(conn);
         Ok((parts, body))
     };
-    let (parts, body) = tokio::time::timeout(limits.request_timeout, exchange)
+    let (parts, body) = tokio::time::timeout_at(deadline, exchange)
         .await
         .map_err(|_| UpstreamError::Timeout)??;
 
@@ -102,7 +114,22 @@ pub async fn exchange(
         elapsed: started.elapsed(),
         received: clock::now(),
         region: region.header.clone(),
+        retry_after: parts
+            .headers
+            .get(RETRY_AFTER)
+            .and_then(|v| retry_after(v.as_bytes(), std::time::SystemTime::now())),
     })
+}
+
+/// A `Retry-After` value (delay-seconds or an HTTP-date) as a delay from `now`; `None` when
+/// it is neither.
+pub fn retry_after(value: &[u8], now: std::time::SystemTime) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(text.parse::<u64>().unwrap_or(u64::MAX)));
+    }
+    let at = httpdate::parse_http_date(text).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// Reads a whole body of at most `limit` bytes into one buffer of its own. With a declared
@@ -130,4 +157,26 @@ async fn read_body(
         buf.extend_from_slice(&data);
     }
     Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(retry_after(b"2", now), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(b" 0 ", now), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(
+            retry_after(later.as_bytes(), now),
+            Some(Duration::from_secs(30))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(retry_after(past.as_bytes(), now), Some(Duration::ZERO));
+        for bad in [&b""[..], b"-1", b"1.5", b"soon", b"\xff"] {
+            assert_eq!(retry_after(bad, now), None, "{bad:?}");
+        }
+    }
 }

@@ -10,6 +10,7 @@ use http::Uri;
 use super::pool::{Connector, Origin, Origins};
 use crate::config::{Config, ConfigError};
 pub use crate::domain::RegionId;
+use crate::traffic::{queue, RegionTraffic, Traffic};
 use crate::watch::Watched;
 
 /// One Convocore region.
@@ -24,6 +25,8 @@ pub struct Region {
     pub(super) origin: Arc<Origin>,
     /// `Bearer <shared token>`, marked sensitive; follows `token_file`.
     pub(super) authorization: Arc<Watched<HeaderValue>>,
+    /// Its slots and fair queue, pause and breaker, retry budget (kept across reloads).
+    pub traffic: Arc<RegionTraffic>,
 }
 
 /// The configured regions, in configuration order.
@@ -37,6 +40,7 @@ impl Regions {
         config: &Config,
         origins: &Origins,
         connector: &Connector,
+        traffic: &Traffic,
     ) -> Result<Regions, ConfigError> {
         let up = &config.upstream;
         let shared = token_source(
@@ -65,7 +69,14 @@ impl Regions {
             let id = u16::try_from(i)
                 .map(RegionId::new)
                 .map_err(|_| config.err("regions", "too many regions"))?;
+            let slots = queue::Settings {
+                max_concurrency: region.max_concurrency.unwrap_or(up.max_concurrency),
+                max_queue: region.max_queue.unwrap_or(up.max_queue),
+                queue_timeout: region.queue_timeout.unwrap_or(up.queue_timeout),
+                rate: region.rate.or(up.rate),
+            };
             list.push(Region {
+                traffic: traffic.region(name, slots, &up.breaker),
                 id,
                 header: HeaderValue::from_str(name)
                     .map_err(|_| config.err(format!("regions.{name}"), "not a header value"))?,
