@@ -208,6 +208,55 @@ mod tests {
     "#;
 
     #[test]
+    fn traffic_control_keys_have_contract_defaults_and_are_checked() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.upstream.max_concurrency, 32);
+        assert_eq!(c.upstream.max_queue, 1000);
+        assert_eq!(c.upstream.queue_timeout, Duration::from_secs(10));
+        assert_eq!(c.upstream.retries, 1);
+        assert_eq!(c.upstream.rate, None);
+        assert_eq!(c.upstream.breaker, Breaker::default());
+        assert_eq!(c.limits, Limits::default());
+        let with = |extra: &str| {
+            let text = MINIMAL.replace(
+                "token_env = \"TOKEN\"",
+                &format!("token_env = \"TOKEN\"\n{extra}"),
+            );
+            parse(&text)
+        };
+        let ok = with("rate = \"600/m\"\nmax_concurrency = 4\n[upstream.breaker]\nwindow = 5\nmin_exchanges = 5\n[regions.eu]\nbase_url = \"https://eu.example/v3\"\nrate = \"5/s\"\nmax_queue = 10\nqueue_timeout = \"2s\"\n[limits]\nteam_rate = \"50/s\"\nteam_burst = 100\n[teams]\nreports = { agents = [\"*\"], rate = \"100/s\", burst = 200, weight = 4 }\n[routing]\ndefault_region = \"eu\"\n").unwrap();
+        assert_eq!(
+            ok.upstream.rate.map(|r| r.to_string()),
+            Some("600/m".into())
+        );
+        assert_eq!(ok.regions["eu"].queue_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(ok.teams.as_ref().unwrap()["reports"].weight, Some(4));
+        for (extra, key) in [
+            ("rate = \"10/h\"", "upstream.rate"),
+            ("max_concurrency = 0", "upstream.max_concurrency"),
+            ("queue_timeout = \"0s\"", "upstream.queue_timeout"),
+            ("retries = 9", "upstream.retries"),
+            (
+                "[upstream.breaker]\nfailure_ratio = 0.0",
+                "upstream.breaker.failure_ratio",
+            ),
+            (
+                "[upstream.breaker]\nmin_exchanges = 30",
+                "upstream.breaker.min_exchanges",
+            ),
+            ("[limits]\nteam_burst = 5", "limits.team_burst"),
+            ("[limits]\nteam_rate = \"0/s\"", "limits.team_rate"),
+            (
+                "[teams]\na = { agents = [\"*\"], weight = 0 }",
+                "teams.a.weight",
+            ),
+        ] {
+            let e = with(extra).unwrap_err();
+            assert_eq!(e.key, key, "{extra}: {e}");
+        }
+    }
+
+    #[test]
     fn minimal_config_gets_production_defaults() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.server.listen.port(), 8080);
