@@ -48,7 +48,7 @@ fn rs256_token() -> String {
 }
 
 /// The gateway with its shipped defaults (cache on), one RS256 key, in front of a mock EU.
-async fn app(mock: &MockConvocore, dir: &Path) -> Arc<State> {
+async fn app(mock: &MockConvocore, dir: &Path, extra: &str) -> Arc<State> {
     std::fs::write(dir.join("token"), TOKEN).unwrap();
     let text = format!(
         r#"
@@ -70,6 +70,7 @@ audiences = ["convocore-gateway"]
 kid = "rsa-1"
 algorithm = "RS256"
 public_key_file = "{key}"
+{extra}
 "#,
         eu = mock.base_url(),
         key = fixture("rsa_public.pem").display(),
@@ -79,6 +80,15 @@ public_key_file = "{key}"
     State::build(Config::load(&path).unwrap()).unwrap()
 }
 
+async fn app_limited(mock: &MockConvocore, dir: &Path) -> Arc<State> {
+    app(
+        mock,
+        dir,
+        "[limits]\nteam_rate = \"1000000/s\"\nteam_burst = 1000000\n",
+    )
+    .await
+}
+
 fn benches(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -86,12 +96,15 @@ fn benches(c: &mut Criterion) {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (mock, app) = rt.block_on(async {
+    let limited_dir = tempfile::tempdir().unwrap();
+    let (mock, app, limited) = rt.block_on(async {
         let mock = MockConvocore::start("eu", TOKEN, &[("agent-eu", &["c1"])])
             .await
             .unwrap();
-        let app = app(&mock, dir.path()).await;
-        (mock, app)
+        let app = app(&mock, dir.path(), "").await;
+        // The same with a team bucket every request takes from (never empty here).
+        let limited = app_limited(&mock, limited_dir.path()).await;
+        (mock, app, limited)
     });
     let token = rs256_token();
     let mut headers = HeaderMap::new();
@@ -154,6 +167,29 @@ fn benches(c: &mut Criterion) {
             debug_assert_eq!(resp.headers()["x-cache"], "HIT");
             resp
         })
+    });
+
+    rt.block_on(async {
+        let resp = convocore_gateway::http::handle(limited.clone(), request(&uri, &headers))
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["x-cache"], "MISS");
+    });
+    c.bench_function("handle_cache_hit_team_bucket", |b| {
+        b.to_async(&rt).iter(|| async {
+            let resp = convocore_gateway::http::handle(limited.clone(), request(&uri, &headers))
+                .await
+                .unwrap();
+            debug_assert_eq!(resp.headers()["x-cache"], "HIT");
+            resp
+        })
+    });
+    let limit = convocore_gateway::traffic::bucket::Limit {
+        rate: convocore_gateway::config::Rate::parse("1000000/s").unwrap(),
+        burst: 1_000_000,
+    };
+    c.bench_function("team_bucket_take", |b| {
+        b.iter(|| limited.traffic().take(black_box("bench"), false, limit))
     });
 
     // The same with the gateway's JSON logging installed (lines go to a sink).

@@ -50,6 +50,9 @@ pub struct Faults {
     /// Shut each connection down gracefully (HTTP/2: GOAWAY) once it has taken this many
     /// requests, as load balancers do when they rotate connections.
     pub goaway_every: Option<usize>,
+    /// Enforce a per-token quota as Convocore does: a token bucket of (per second, burst);
+    /// an export request over it gets `429` with `Retry-After: 1`.
+    pub quota: Option<(u32, u32)>,
 }
 
 struct State {
@@ -57,6 +60,10 @@ struct State {
     token: Mutex<String>,
     agents: Mutex<BTreeMap<String, Vec<String>>>,
     recorded: Mutex<Vec<Recorded>>,
+    /// The quota's bucket: tokens left and when it was last refilled.
+    bucket: Mutex<Option<(f64, tokio::time::Instant)>>,
+    /// Requests answered 429 by the quota.
+    throttled: AtomicU64,
     faults: Mutex<Faults>,
     /// Bumped by [`MockConvocore::bump_version`]; part of every body, so a refetch shows.
     version: AtomicU64,
@@ -144,6 +151,8 @@ impl MockConvocore {
                     .collect(),
             ),
             recorded: Mutex::new(Vec::new()),
+            bucket: Mutex::new(None),
+            throttled: AtomicU64::new(0),
             faults: Mutex::new(Faults::default()),
             version: AtomicU64::new(1),
             accepted: AtomicU64::new(0),
@@ -175,6 +184,11 @@ impl MockConvocore {
     /// Every request seen so far, oldest first.
     pub fn requests(&self) -> Vec<Recorded> {
         lock(&self.state.recorded).clone()
+    }
+
+    /// Requests the quota answered with 429.
+    pub fn throttled(&self) -> u64 {
+        self.state.throttled.load(Ordering::Relaxed)
     }
 
     pub fn request_count(&self) -> usize {
@@ -407,6 +421,19 @@ async fn answer<B>(state: Arc<State>, req: Request<B>) -> Result<Response<MockBo
         });
     }
     let faults = lock(&state.faults).clone();
+    if let Some((per_second, burst)) = faults.quota {
+        if !take_quota(&state, per_second, burst) {
+            state.throttled.fetch_add(1, Ordering::Relaxed);
+            let mut r = trpc_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOO_MANY_REQUESTS",
+                "Rate limit exceeded",
+            );
+            r.headers_mut()
+                .insert("retry-after", http::HeaderValue::from_static("1"));
+            return Ok(r);
+        }
+    }
     if !faults.delay.is_zero() {
         tokio::time::sleep(faults.delay).await;
     }
@@ -431,6 +458,22 @@ async fn answer<B>(state: Arc<State>, req: Request<B>) -> Result<Response<MockBo
         }
     }
     Ok(response)
+}
+
+/// One token from the quota's bucket, if it has one.
+fn take_quota(state: &State, per_second: u32, burst: u32) -> bool {
+    let now = tokio::time::Instant::now();
+    let mut bucket = lock(&state.bucket);
+    let (tokens, last) = bucket.get_or_insert((f64::from(burst), now));
+    let refill = now.duration_since(*last).as_secs_f64() * f64::from(per_second);
+    *tokens = (*tokens + refill).min(f64::from(burst));
+    *last = now;
+    if *tokens >= 1.0 {
+        *tokens -= 1.0;
+        true
+    } else {
+        false
+    }
 }
 
 fn export<B>(state: &State, req: &Request<B>, faults: &Faults) -> Response<MockBody> {

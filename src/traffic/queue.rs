@@ -5,7 +5,8 @@
 //! thousands thus delays another team's first request by one round, not by its backlog.
 //!
 //! A waiter that gives up (timeout, or every caller gone) leaves the queue at once, and a
-//! slot handed to a waiter that is no longer there goes to the next one.
+//! slot handed to a waiter that is no longer there goes to the next one. A full queue refuses
+//! the newest waiter of the team holding most of it rather than a newcomer of a smaller team.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -158,6 +159,31 @@ impl Shared {
         }
     }
 
+    /// A full queue makes room for `team` when another team holds more of it: the newest
+    /// waiter of the team with the most waiting is refused instead (as fq_codel drops from the
+    /// fattest flow), so one team's backlog cannot lock the others out of the queue.
+    fn push_out(inner: &mut Inner, team: &str) -> bool {
+        let mine = inner.flows.get(team).map_or(0, |f| f.waiters.len());
+        let Some((fattest, len)) = inner
+            .flows
+            .iter()
+            .map(|(t, f)| (t, f.waiters.len()))
+            .max_by_key(|(_, len)| *len)
+        else {
+            return false;
+        };
+        if len <= mine + 1 {
+            return false;
+        }
+        let fattest = fattest.clone();
+        if let Some(flow) = inner.flows.get_mut(&fattest) {
+            // Dropping its sender tells the waiter it was refused.
+            flow.waiters.pop_back();
+        }
+        inner.queued = inner.queued.saturating_sub(1);
+        true
+    }
+
     /// Wakes the queue when `rate` allows the next start.
     fn arm_timer(self: &Arc<Self>, inner: &mut Inner) {
         let (Some(at), false) = (inner.next_start, inner.timer) else {
@@ -275,7 +301,7 @@ impl Queue {
                     Duration::ZERO,
                 )));
             }
-            if inner.queued >= inner.settings.max_queue {
+            if inner.queued >= inner.settings.max_queue && !Shared::push_out(inner, team) {
                 return Err(Refused::Full);
             }
             let (tx, rx) = oneshot::channel();
@@ -302,23 +328,37 @@ impl Queue {
             id,
             armed: true,
         };
+        enum Outcome {
+            Granted(Permit),
+            PushedOut,
+            TimedOut,
+            Gone,
+        }
         let outcome = tokio::select! {
             biased;
-            granted = rx => granted.ok().map(Some),
-            _ = tokio::time::sleep(timeout) => None,
-            _ = gone => Some(None),
+            granted = rx => match granted {
+                Ok(permit) => Outcome::Granted(permit),
+                // Its sender was dropped: a waiter of a smaller team took its place.
+                Err(_) => Outcome::PushedOut,
+            },
+            _ = tokio::time::sleep(timeout) => Outcome::TimedOut,
+            _ = gone => Outcome::Gone,
         };
         let waited = started.elapsed();
         match outcome {
-            Some(Some(permit)) => {
+            Outcome::Granted(permit) => {
                 leaving.armed = false;
                 self.shared.wait.observe(waited.as_secs_f64());
                 Ok(Some((permit, waited)))
             }
             // Gone: `leaving` takes the request out of the queue (or frees a slot granted
             // meanwhile, as the dropped receiver drops its permit).
-            Some(None) => Ok(None),
-            None => {
+            Outcome::Gone => Ok(None),
+            Outcome::PushedOut => {
+                leaving.armed = false;
+                Err(Refused::Full)
+            }
+            Outcome::TimedOut => {
                 self.shared.wait.observe(waited.as_secs_f64());
                 Err(Refused::Timeout)
             }

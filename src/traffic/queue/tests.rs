@@ -183,3 +183,35 @@ async fn a_rate_spaces_the_starts() {
     let ms: Vec<u128> = starts.iter().map(|d| d.as_millis()).collect();
     assert_eq!(ms, vec![0, 100, 200, 300, 400]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_refuses_the_biggest_teams_newest_waiter_not_a_small_teams_newcomer() {
+    let q = queue(1, 4, None);
+    let (held, _) = q.acquire("x", 1, never()).await.unwrap().unwrap();
+    let mut bulk = Vec::new();
+    for _ in 0..4 {
+        let qb = q.clone();
+        bulk.push(tokio::spawn(async move {
+            qb.acquire("bulk", 1, never()).await.map(|p| p.is_some())
+        }));
+        while q.load().1 < bulk.len() {
+            tokio::task::yield_now().await;
+        }
+    }
+    // Full of bulk's waiters: a quiet team's request takes the newest one's place.
+    let q2 = q.clone();
+    let quiet = tokio::spawn(async move { q2.acquire("quiet", 1, never()).await.map(|p| p.is_some()) });
+    let last = bulk.pop().unwrap();
+    assert_eq!(last.await.unwrap(), Err(Refused::Full));
+    while q.load().1 < 4 {
+        tokio::task::yield_now().await;
+    }
+    // Bulk itself cannot push anyone out: it holds the most already.
+    assert_eq!(q.acquire("bulk", 1, never()).await.err(), Some(Refused::Full));
+    drop(held);
+    assert_eq!(quiet.await.unwrap(), Ok(true));
+    for b in bulk {
+        assert_eq!(b.await.unwrap(), Ok(true));
+    }
+    assert_eq!(q.load(), (0, 0));
+}
