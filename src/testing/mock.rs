@@ -77,6 +77,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How a TLS mock speaks, besides [`MockConvocore::start_tls`]'s defaults (h2 and http/1.1 by
+/// ALPN, hyper's HTTP/2 settings).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TlsOptions {
+    /// Offer only http/1.1 by ALPN.
+    pub http1_only: bool,
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS (hyper's default: 200); a stream a client opens
+    /// beyond it (before it has read the setting) is refused with REFUSED_STREAM.
+    pub max_concurrent_streams: Option<u32>,
+}
+
 /// A running mock region; stops when dropped.
 pub struct MockConvocore {
     addr: SocketAddr,
@@ -112,6 +123,26 @@ impl MockConvocore {
         cert_pem: &[u8],
         key_pem: &[u8],
     ) -> std::io::Result<Self> {
+        Self::start_tls_with(
+            region,
+            token,
+            agents,
+            cert_pem,
+            key_pem,
+            TlsOptions::default(),
+        )
+        .await
+    }
+
+    /// [`MockConvocore::start_tls`] with `options`.
+    pub async fn start_tls_with(
+        region: &str,
+        token: &str,
+        agents: &[(&str, &[&str])],
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        options: TlsOptions,
+    ) -> std::io::Result<Self> {
         let certs = rustls_pemfile::certs(&mut &cert_pem[..]).collect::<Result<Vec<_>, _>>()?;
         let key = rustls_pemfile::private_key(&mut &key_pem[..])?
             .ok_or_else(|| std::io::Error::other("no private key"))?;
@@ -123,21 +154,20 @@ impl MockConvocore {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(std::io::Error::other)?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Self::start_on(
-            region,
-            token,
-            agents,
-            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
-        )
-        .await
+        config.alpn_protocols = if options.http1_only {
+            vec![b"http/1.1".to_vec()]
+        } else {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        Self::start_on(region, token, agents, Some((acceptor, options))).await
     }
 
     async fn start_on(
         region: &str,
         token: &str,
         agents: &[(&str, &[&str])],
-        tls: Option<tokio_rustls::TlsAcceptor>,
+        tls: Option<(tokio_rustls::TlsAcceptor, TlsOptions)>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
@@ -159,7 +189,13 @@ impl MockConvocore {
             drops: tokio::sync::watch::Sender::new(0),
         });
         let is_tls = tls.is_some();
-        let task = tokio::spawn(serve(listener, state.clone(), tls));
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        let max_streams = tls.as_ref().and_then(|(_, o)| o.max_concurrent_streams);
+        if let Some(max) = max_streams {
+            builder.http2().max_concurrent_streams(max);
+        }
+        let tls = tls.map(|(acceptor, _)| acceptor);
+        let task = tokio::spawn(serve(listener, state.clone(), tls, builder));
         Ok(MockConvocore {
             addr,
             tls: is_tls,
@@ -238,11 +274,17 @@ impl MockConvocore {
     }
 }
 
-async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustls::TlsAcceptor>) {
+async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    builder: auto::Builder<TokioExecutor>,
+) {
     let counted = state.clone();
     let rotation = state.clone();
     let drops = Some(state.drops.subscribe());
-    serve_http(
+    serve_http_with(
+        builder,
         listener,
         tls,
         move |req| answer(state.clone(), req),
@@ -275,7 +317,37 @@ pub async fn serve_http<H, F, B, E>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let builder = auto::Builder::new(TokioExecutor::new());
+    serve_http_with(
+        builder,
+        listener,
+        tls,
+        handler,
+        on_accept,
+        drops,
+        rotate_after,
+    )
+    .await
+}
+
+/// [`serve_http`] with the connections' `builder` (e.g. HTTP/2 settings).
+async fn serve_http_with<H, F, B, E>(
+    builder: auto::Builder<TokioExecutor>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handler: H,
+    on_accept: impl Fn(),
+    drops: Option<tokio::sync::watch::Receiver<u64>>,
+    rotate_after: impl Fn() -> Option<usize>,
+) where
+    H: Fn(Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<B>, E>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let builder = Arc::new(builder);
     // Connections live in the set, so aborting this task closes them all.
     let mut connections = JoinSet::new();
     loop {
