@@ -50,8 +50,8 @@ fn token(team: &str) -> String {
         "iat": now,
         "exp": now + 3600,
     });
-    let key = EncodingKey::from_rsa_pem(&std::fs::read(fixture("rsa_private.pem")).unwrap())
-        .unwrap();
+    let key =
+        EncodingKey::from_rsa_pem(&std::fs::read(fixture("rsa_private.pem")).unwrap()).unwrap();
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some("rsa-1".into());
     jsonwebtoken::encode(&header, &claims, &key).unwrap()

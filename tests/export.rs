@@ -1240,6 +1240,17 @@ async fn request_heads_have_10s_and_idle_keep_alive_connections_are_closed() {
     assert_eq!(gw.na.request_count(), 1);
 }
 
+/// A cold burst to an HTTP/2 origin makes one connection: the first connect is awaited by the
+/// others (TLS origins are assumed to speak h2 until ALPN says otherwise).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_burst_to_an_h2_upstream_opens_one_connection() {
+    let (gw, _dir) = gateway_with_tls_eu(Faults::default()).await;
+    for r in concurrent(&gw, 40, EXPORT_EU, &token("billing")).await {
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(gw.eu.connections(), 1);
+}
+
 /// Convocore's load balancers rotate HTTP/2 connections with a graceful GOAWAY (here every 20
 /// requests, 600 requests 30 at a time). Requests the
 /// server did not process (above the GOAWAY's last stream, or refused) are sent again on a new

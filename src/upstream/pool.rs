@@ -278,7 +278,9 @@ impl Origin {
             idle: Mutex::new(Idle::default()),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
             released: tokio::sync::Notify::new(),
-            speaks_h2: std::sync::atomic::AtomicBool::new(false),
+            // Offered by ALPN on every TLS origin: assume it until a handshake says otherwise,
+            // so that a cold burst to an HTTP/2 origin makes one connection, not one each.
+            speaks_h2: std::sync::atomic::AtomicBool::new(https),
             connecting: tokio::sync::Mutex::new(()),
             generations: std::sync::atomic::AtomicU64::new(0),
         })
@@ -421,7 +423,11 @@ impl Origin {
             if let Some(found) = self.reuse(tls_version).await {
                 return Ok((found, true));
             }
-            Some(guard)
+            // The connect before this one may have found an HTTP/1.1 origin: then connects
+            // need not wait for each other.
+            self.speaks_h2
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .then_some(guard)
         } else {
             None
         };
@@ -487,6 +493,8 @@ impl Origin {
             .await
             .map_err(connect_err)?;
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            self.speaks_h2
+                .store(false, std::sync::atomic::Ordering::Relaxed);
             return handshake_h1(tls, tls_version, permit).await;
         }
         self.speaks_h2
@@ -612,8 +620,13 @@ fn copy_request(req: &Request<Body>) -> Request<Body> {
 }
 
 /// Whether HTTP/2 says the request was not processed (RFC 9113 §8.7): its stream was refused,
-/// or the server's GOAWAY came with a last stream below it.
+/// or the server's GOAWAY came with a last stream below it; or hyper canceled it before it
+/// was sent (a request waiting for a stream slot when the connection went away: "dispatch
+/// task is gone").
 fn unprocessed(e: &hyper::Error) -> bool {
+    if e.is_canceled() {
+        return true;
+    }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(h2) = err.downcast_ref::<h2::Error>() {

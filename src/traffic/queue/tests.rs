@@ -200,14 +200,18 @@ async fn a_full_queue_refuses_the_biggest_teams_newest_waiter_not_a_small_teams_
     }
     // Full of bulk's waiters: a quiet team's request takes the newest one's place.
     let q2 = q.clone();
-    let quiet = tokio::spawn(async move { q2.acquire("quiet", 1, never()).await.map(|p| p.is_some()) });
+    let quiet =
+        tokio::spawn(async move { q2.acquire("quiet", 1, never()).await.map(|p| p.is_some()) });
     let last = bulk.pop().unwrap();
     assert_eq!(last.await.unwrap(), Err(Refused::Full));
     while q.load().1 < 4 {
         tokio::task::yield_now().await;
     }
     // Bulk itself cannot push anyone out: it holds the most already.
-    assert_eq!(q.acquire("bulk", 1, never()).await.err(), Some(Refused::Full));
+    assert_eq!(
+        q.acquire("bulk", 1, never()).await.err(),
+        Some(Refused::Full)
+    );
     drop(held);
     assert_eq!(quiet.await.unwrap(), Ok(true));
     for b in bulk {
