@@ -55,17 +55,19 @@ async fn export<B>(
         .await
         .map_err(ApiError::from)?;
     let allowed = policy.auth.authorize(&caller, &export.agent);
-    let team = caller.team.clone();
+    // The caller outlives this function in a fetch that may run in a task of its own.
+    let payer = caller.clone();
+    let team = payer.team.as_str();
     access.caller = Some(caller);
     allowed?;
     // The team's rate, hits included, before the cache.
-    if let Some((limit, listed)) = policy.teams.limit(&team) {
+    if let Some((limit, listed)) = policy.teams.limit(team) {
         if let Verdict::Limited {
             retry_after,
             full_in,
-        } = state.traffic().take(&team, listed, limit)
+        } = state.traffic().take(team, listed, limit)
         {
-            policy.metrics.rate_limited(policy.auth.team_label(&team));
+            policy.metrics.rate_limited(policy.auth.team_label(team));
             return Err(ApiError::RateLimited(RateLimited {
                 retry_after: whole_seconds(retry_after),
                 quota: limit.burst,
@@ -74,7 +76,7 @@ async fn export<B>(
             }));
         }
     }
-    let weight = policy.teams.weight(&team);
+    let weight = policy.teams.weight(team);
 
     let mode = Mode::from_headers(req.headers());
     // Called only when the cache must go upstream (it may run in a flight task of its own).
@@ -82,14 +84,14 @@ async fn export<B>(
         let policy = policy.clone();
         let export: Export = export.clone();
         let request_id = access.request_id.clone();
-        let team = team.clone();
+        let payer = payer.clone();
         async move {
             let ask = Ask {
                 metrics: &policy.metrics,
                 export: &export,
                 request_id: &request_id,
                 wanted: &wanted,
-                team: &team,
+                team: &payer.team,
                 weight,
             };
             policy.upstream.fetch(&ask).await

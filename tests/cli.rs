@@ -614,9 +614,12 @@ async fn the_json_access_log_has_one_line_per_request_and_no_secrets() {
             "cache",
             "duration_ms",
             "upstream_ms",
+            "queue_ms",
         ] {
             assert!(v.get(field).is_some(), "{id}: no {field} in {v}");
         }
+        // The wait for an upstream slot: 0 for a request that never queued.
+        assert!(v["queue_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{v}");
         assert!(v["status"].is_number(), "{v}");
         assert_eq!(v["status"].as_u64(), Some(u64::from(*status)), "{v}");
         assert!(v["duration_ms"].is_number(), "{v}");

@@ -471,3 +471,84 @@ async fn an_unreachable_region_is_retried_and_answers_502() {
         3.0
     );
 }
+
+// ------------------------------------------------------------- hits, and stale for refusals
+
+#[tokio::test]
+async fn hits_never_queue_and_stale_entries_cover_a_queue_timeout_and_an_open_breaker() {
+    let gw = Arc::new(
+        Gateway::start_with(TestConfig {
+            cache: "enabled = true\nttl = \"1s\"\nstale_if_error = \"1h\"\n".into(),
+            upstream: "max_concurrency = 1\nqueue_timeout = \"200ms\"\nretries = 0\n".into(),
+            extra: "[upstream.breaker]\nwindow = 2\nmin_exchanges = 2\nopen_for = \"30s\"\n".into(),
+            ..TestConfig::default()
+        })
+        .await,
+    );
+    let t = token("billing");
+    let c2 = "/v3/agents/agent-eu/convos/c2/export";
+    let c3 = "/v3/agents/agent-eu/convos/c3/export";
+    // c2 cached and left to expire (stale); c3 cached and kept fresh below.
+    assert_eq!(gw.get(c2, &t).await.status, 200);
+    tokio::time::sleep(ms(1100)).await;
+    assert_eq!(gw.get(c3, &t).await.status, 200);
+
+    // The one slot is held by a slow exchange.
+    gw.eu.set_faults(Faults {
+        delay: ms(1500),
+        ..Default::default()
+    });
+    let holder = {
+        let (gw, t) = (gw.clone(), t.clone());
+        tokio::spawn(async move { gw.get(EXPORT_EU, &t).await })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            gw.eu.request_count() == 3
+        })
+        .await
+    );
+    // A hit does not wait for the slot.
+    let hit = gw.get(c3, &t).await;
+    assert_eq!(hit.header("x-cache"), Some("HIT"));
+    // An expired entry whose refresh cannot get a slot in time is served stale.
+    let stale = gw.get(c2, &t).await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.header("x-cache"), Some("STALE"));
+    assert_eq!(holder.await.unwrap().status, 200);
+    assert_eq!(gw.eu.request_count(), 3, "the refresh never went upstream");
+
+    // Two failures open the breaker: the stale entry again, nothing sent.
+    gw.eu.set_faults(Faults {
+        status: Some(500),
+        ..Default::default()
+    });
+    for convo in ["c1", "c3"] {
+        tokio::time::sleep(ms(1100)).await; // c3's entry expires too
+        let path = format!("/v3/agents/agent-eu/convos/{convo}/export");
+        let _ = gw.get(&path, &t).await;
+    }
+    let sent = gw.eu.request_count();
+    let stale = gw.get(c2, &t).await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.header("x-cache"), Some("STALE"));
+    assert_eq!(gw.eu.request_count(), sent, "an open breaker sends nothing");
+}
+
+#[tokio::test]
+async fn no_retry_starts_past_request_timeout() {
+    let gw = Gateway::start_with(TestConfig {
+        upstream: "retries = 3\nrequest_timeout = \"300ms\"\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    // Each attempt takes 280 ms of the 300: a retry after 25-100 ms could not finish in time.
+    gw.eu.set_faults(Faults {
+        status: Some(503),
+        delay: ms(280),
+        ..Default::default()
+    });
+    let r = gw.get(EXPORT_EU, &token("billing")).await;
+    assert!(r.status == 503 || r.status == 504, "{}", r.status);
+    assert_eq!(gw.eu.request_count(), 1);
+}
