@@ -21,7 +21,7 @@ use arc_swap::ArcSwapOption;
 use http::header::CACHE_CONTROL;
 use http::{HeaderMap, StatusCode};
 
-use self::flight::{Flights, Joined};
+use self::flight::{Flights, Joined, Levels};
 use self::freshness::{assess, Freshness, Windows};
 use self::purge::Epochs;
 use self::store::Memory;
@@ -77,6 +77,8 @@ pub enum Fwd {
 pub enum Detail {
     /// A fresh entry, `ttl` whole seconds of freshness left.
     Hit { ttl: u64 },
+    /// A fresh entry another replica stored, read from the shared Redis.
+    SharedHit { ttl: u64 },
     /// The cache is disabled: every request goes upstream.
     Disabled,
     /// `no-store`: fetched without storing.
@@ -115,6 +117,8 @@ pub struct Settings {
     pub enabled: bool,
     pub max_bytes: u64,
     pub windows: Windows,
+    /// The second level, with `[shared]`.
+    pub shared: Option<Arc<crate::shared::Redis>>,
 }
 
 impl Settings {
@@ -127,6 +131,7 @@ impl Settings {
                 stale_if_error: c.stale_if_error,
                 stale_while_revalidate: c.stale_while_revalidate,
             },
+            shared: None,
         }
     }
 }
@@ -243,6 +248,30 @@ impl Cache {
             });
         }
 
+        // A memory miss looks in the shared second level; what it finds fills memory with its
+        // original store time, then counts as if memory had held it.
+        let mut entry = entry;
+        if mode == Mode::Normal && entry.is_none() {
+            if let (Some(shared), Some(store)) = (&settings.shared, self.store.load_full()) {
+                if let Some(found) = shared.get_entry(key).await {
+                    let found = Arc::new(found);
+                    let freshness = assess(found.received, clock::now(), &settings.windows);
+                    if !matches!(freshness, Freshness::Expired) {
+                        store.insert(key.clone(), found.clone()).await;
+                        if let Freshness::Fresh { age, ttl_left } = freshness {
+                            return Ok(Answer {
+                                detail: Detail::SharedHit {
+                                    ttl: ttl_left.as_secs(),
+                                },
+                                ..hit(found, age, ttl_left)
+                            });
+                        }
+                        entry = Some((found, freshness));
+                    }
+                }
+            }
+        }
+
         let mut stale = None;
         match entry {
             Some((entry, Freshness::Revalidate { age, past })) => {
@@ -346,8 +375,14 @@ impl Cache {
                 fetch,
                 recheck.then_some(&settings.windows),
                 background,
-                &self.store,
-                &self.purges,
+                Levels {
+                    store: &self.store,
+                    purges: &self.purges,
+                    shared: settings
+                        .shared
+                        .as_ref()
+                        .map(|redis| (redis.clone(), settings.windows.keep())),
+                },
             )
             .await
     }

@@ -8,6 +8,7 @@ pub mod limits;
 mod log;
 mod routing;
 mod server;
+mod shared;
 mod teams;
 mod upstream;
 
@@ -23,6 +24,7 @@ pub use self::limits::{Limits, Rate};
 pub use self::log::{Log, LogFormat};
 pub use self::routing::Routing;
 pub use self::server::{Server, Tls};
+pub use self::shared::Shared;
 pub use self::teams::Team;
 pub use self::upstream::{Breaker, Region, Upstream};
 
@@ -66,6 +68,8 @@ pub struct Config {
     pub cache: Cache,
     #[serde(default)]
     pub log: Log,
+    /// State shared by every replica, in Redis.
+    pub shared: Option<Shared>,
     /// The file this was read from; relative `*_file` paths resolve against its folder.
     #[serde(skip)]
     pub path: PathBuf,
@@ -152,6 +156,9 @@ impl Config {
             teams::validate(teams, self)?;
         }
         self.cache.validate(self)?;
+        if let Some(shared) = &self.shared {
+            shared.validate(self)?;
+        }
         self.log.validate(self)
     }
 }
@@ -206,6 +213,35 @@ mod tests {
         algorithm = "HS256"
         secret_env = "SECRET"
     "#;
+
+    #[test]
+    fn shared_keys_are_checked_and_never_echo_a_password() {
+        let with = |shared: &str| parse(&format!("{MINIMAL}\n[shared]\n{shared}\n"));
+        let ok =
+            with("url = \"rediss://gateway@redis.internal:6380/1\"\nencryption_key_file = \"k\"")
+                .unwrap();
+        let shared = ok.shared.unwrap();
+        assert_eq!(shared.key_prefix, "convocore-gateway:");
+        assert_eq!(shared.timeout, Duration::from_millis(50));
+        for (text, key) in [
+            ("encryption_key_file = \"k\"", "shared"),
+            ("url = \"http://redis\"\nencryption_key_file = \"k\"", "shared.url"),
+            ("url = \"redis://\"\nencryption_key_file = \"k\"", "shared.url"),
+            ("url = \"redis://redis\"", "shared.encryption_key_file"),
+            ("url = \"redis://redis\"\nencryption_key_file = \"k\"\ntimeout = \"0s\"", "shared.timeout"),
+            ("url = \"redis://redis\"\nencryption_key_file = \"k\"\nkey_prefix = \"\"", "shared.key_prefix"),
+            ("url = \"redis://redis\"\nencryption_key_file = \"k\"\npassword_env = \"A\"\npassword_file = \"p\"", "shared.password_env"),
+            ("url = \"redis://redis\"\nencryption_key_file = \"k\"\ndatabase = 2", "shared"),
+        ] {
+            let e = with(text).unwrap_err();
+            assert!(e.key.starts_with(key), "{text}: {e}");
+        }
+        let e = with("url = \"redis://user:s3cr3t-pw@redis:6379\"\nencryption_key_file = \"k\"")
+            .unwrap_err();
+        assert_eq!(e.key, "shared.url");
+        assert!(!e.to_string().contains("s3cr3t"), "{e}");
+        assert!(e.message.contains("password_file"), "{e}");
+    }
 
     #[test]
     fn traffic_control_keys_have_contract_defaults_and_are_checked() {

@@ -23,6 +23,7 @@ pub mod log;
 pub mod metrics;
 pub mod reload;
 pub mod server;
+pub mod shared;
 pub mod state;
 pub mod testing;
 pub mod tls;

@@ -186,5 +186,32 @@ async fn check_config(path: &std::path::Path, fetch: bool) -> Result<(), Failure
         humantime::format_duration(c.cache.ttl),
         humantime::format_duration(c.cache.stale_if_error)
     );
+    if c.limits.team_rate.is_some() || c.upstream.rate.is_some() {
+        println!(
+            "  limits        team_rate {} (burst {}), region rate {}",
+            c.limits
+                .team_rate
+                .map_or("-".to_string(), |r| r.to_string()),
+            c.limits
+                .team_burst
+                .map_or("-".to_string(), |b| b.to_string()),
+            c.upstream.rate.map_or("-".to_string(), |r| r.to_string()),
+        );
+    }
+    if let (Some(shared), Some(redis)) = (&c.shared, &policy.shared) {
+        // The host only: the URL's user part stays out of the output.
+        let url = shared.url.trim();
+        let scheme_end = url.find("://").map_or(0, |i| i + 3);
+        let rest = &url[scheme_end..];
+        let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        println!(
+            "  shared        {}{} prefix {:?} timeout {} ({} encryption keys)",
+            &url[..scheme_end],
+            host,
+            shared.key_prefix,
+            humantime::format_duration(shared.timeout),
+            redis.keys.get().len()
+        );
+    }
     Ok(())
 }

@@ -136,6 +136,8 @@ pub struct Metrics {
     pub upstream_queue_wait: HistogramVec,
     pub upstream_retries: IntCounterVec,
     pub upstream_paused: IntGaugeVec,
+    pub shared_operations: IntCounterVec,
+    pub shared_up: IntGauge,
 }
 
 /// The children of one configuration's label sets, resolved up front or on first use, so that
@@ -294,6 +296,18 @@ impl Metrics {
             &["region", "reason"],
         )?;
 
+        let shared_operations = IntCounterVec::new(
+            Opts::new(
+                "convocore_gateway_shared_operations_total",
+                "Operations on the shared Redis by op and result (rejected: a value that did not open).",
+            ),
+            &["op", "result"],
+        )?;
+        let shared_up = IntGauge::new(
+            "convocore_gateway_shared_up",
+            "1 while the shared Redis answers (0 without [shared], or while it fails or is skipped).",
+        )?;
+
         // Children that exist from the start, so dashboards and alerts see zeros, not gaps.
         for reason in AuthReason::ALL {
             auth_failures.with_label_values(&[reason.label()]);
@@ -323,6 +337,8 @@ impl Metrics {
         registry.register(Box::new(upstream_queue_wait.clone()))?;
         registry.register(Box::new(upstream_retries.clone()))?;
         registry.register(Box::new(upstream_paused.clone()))?;
+        registry.register(Box::new(shared_operations.clone()))?;
+        registry.register(Box::new(shared_up.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -358,6 +374,8 @@ impl Metrics {
             upstream_queue_wait,
             upstream_retries,
             upstream_paused,
+            shared_operations,
+            shared_up,
         })
     }
 
@@ -413,6 +431,14 @@ impl Metrics {
             .inc();
         if ok {
             self.config_last_reload_success.set(unix_now());
+        }
+    }
+
+    /// The shared store's metrics.
+    pub fn shared(&self) -> crate::shared::SharedMetrics {
+        crate::shared::SharedMetrics {
+            operations: self.shared_operations.clone(),
+            up: self.shared_up.clone(),
         }
     }
 

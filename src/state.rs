@@ -19,6 +19,7 @@ use crate::auth::{Auth, VerifiedTokens};
 use crate::cache::{self, Cache};
 use crate::config::{Config, ConfigError};
 use crate::metrics::{Metrics, Resolved};
+use crate::shared::Redis;
 use crate::tls::Tls;
 use crate::traffic::{TeamRules, Traffic};
 use crate::upstream::routing::Learned;
@@ -37,6 +38,8 @@ pub struct Policy {
     pub tls: Option<Tls>,
     /// The teams' rates and shares.
     pub teams: TeamRules,
+    /// The shared Redis, with `[shared]`.
+    pub shared: Option<Arc<Redis>>,
 }
 
 /// The durable half, built once.
@@ -66,6 +69,7 @@ impl State {
             learned: Arc::new(Learned::default()),
             generations: AtomicU64::new(0),
             traffic: Arc::new(Traffic::new(&metrics)),
+            shared: std::sync::Mutex::new(None),
         };
         // The version of the file this config came from, for the file watcher.
         let stamp = Stamp::of(&config.path).ok();
@@ -148,6 +152,8 @@ struct Parts {
     learned: Arc<Learned>,
     generations: AtomicU64,
     traffic: Arc<Traffic>,
+    /// The Redis of the last configuration, kept while `[shared]` stays the same.
+    shared: std::sync::Mutex<Option<Arc<Redis>>>,
 }
 
 impl Parts {
@@ -188,10 +194,30 @@ impl Parts {
             .iter()
             .flat_map(|t| t.keys().map(String::as_str))
             .collect();
+        let shared = match &config.shared {
+            None => {
+                metrics.shared_up.set(0);
+                None
+            }
+            Some(settings) => {
+                let mut kept = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+                match kept.as_ref() {
+                    Some(redis) if redis.settings == *settings => Some(redis.clone()),
+                    _ => {
+                        let redis = Redis::from_config(&config, settings, metrics.shared())?;
+                        *kept = Some(redis.clone());
+                        Some(redis)
+                    }
+                }
+            }
+        };
         let metrics = metrics.resolve(&upstream.regions.names(), &teams);
         let teams = TeamRules::from_config(&config);
         Ok(Policy {
-            cache: cache::Settings::from_config(&config.cache),
+            cache: cache::Settings {
+                shared: shared.clone(),
+                ..cache::Settings::from_config(&config.cache)
+            },
             config,
             generation,
             auth,
@@ -199,6 +225,7 @@ impl Parts {
             metrics,
             tls,
             teams,
+            shared,
         })
     }
 }

@@ -64,13 +64,17 @@ impl Flights {
         fetch: F,
         recheck: Option<&Windows>,
         background: bool,
-        store: &Arc<ArcSwapOption<Memory>>,
-        purges: &Arc<Epochs>,
+        levels: Levels<'_>,
     ) -> Joined
     where
         F: FnOnce(Wanted) -> Fut,
         Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
     {
+        let Levels {
+            store,
+            purges,
+            shared,
+        } = levels;
         let mut flights = self.0.lock().await;
         if let Some((rx, waiters, sent)) = flights.get(key) {
             // A flight whose task ended without answering (it cannot, short of a panic) must
@@ -114,6 +118,10 @@ impl Flights {
                 Ok(fetched) => {
                     let fetched = Arc::new(fetched);
                     let stored = keep(&store, &key, &fetched, &purges, epoch).await;
+                    // What this replica stored, the others find in the second level.
+                    if let (true, Some((redis, keep_for))) = (stored, &shared) {
+                        redis.put_entry(&key, fetched.clone(), *keep_for);
+                    }
                     Ok((fetched, stored))
                 }
                 Err(failed) => Err(failed),
@@ -124,6 +132,14 @@ impl Flights {
         tokio::spawn(task);
         Joined::Flight(rx, true, waiting, sent)
     }
+}
+
+/// Where a flight keeps what it fetched: the memory store in use when it ends, the purge
+/// epochs it must respect, and the shared second level (with how long entries stay there).
+pub struct Levels<'a> {
+    pub store: &'a Arc<ArcSwapOption<Memory>>,
+    pub purges: &'a Arc<Epochs>,
+    pub shared: Option<(Arc<crate::shared::Redis>, Duration)>,
 }
 
 /// Stores a fetched `200` in the store in use now (a reload may have replaced the one the

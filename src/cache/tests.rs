@@ -72,6 +72,7 @@ fn settings(ttl: u64, sie: u64, swr: u64) -> Settings {
             stale_if_error: Duration::from_secs(sie),
             stale_while_revalidate: Duration::from_secs(swr),
         },
+        shared: None,
     }
 }
 

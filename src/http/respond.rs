@@ -46,6 +46,7 @@ pub fn cache_status(detail: &Detail) -> HeaderValue {
             }
             format!("convocore-gateway; hit; ttl={ttl}")
         }
+        Detail::SharedHit { ttl } => format!("convocore-gateway; hit; ttl={ttl}; detail=shared"),
         Detail::Disabled => return HeaderValue::from_static("convocore-gateway; fwd=miss"),
         Detail::Bypass => return HeaderValue::from_static("convocore-gateway; fwd=bypass"),
         Detail::StaleWhileRevalidate { past } => {

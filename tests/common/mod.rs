@@ -2,6 +2,7 @@
 //! `127.0.0.1:0` in front of them, token minting with the fixture keys, and a small client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 pub mod process;
+pub mod redis_server;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

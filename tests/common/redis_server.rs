@@ -1,0 +1,113 @@
+//! A private `redis-server` per test: on a free loopback port, no persistence, killed by its
+//! PID when dropped. Debian's `redis-server` package (`.ci/run` installs it).
+
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    password: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        Self::start_with(None, None).await
+    }
+
+    /// With `requirepass`, and/or on a given port (to restart one on the same port).
+    pub async fn start_with(password: Option<&str>, port: Option<u16>) -> RedisServer {
+        let port = port.unwrap_or_else(|| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(p) = password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot start redis-server ({e}): sudo apt-get install -y redis-server")
+        });
+        let server = RedisServer {
+            port,
+            child: Some(child),
+            password: password.map(str::to_string),
+            _dir: dir,
+        };
+        for _ in 0..200 {
+            if server.ping().await {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server did not answer on port {port}");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        let mut info: redis::ConnectionInfo =
+            redis::IntoConnectionInfo::into_connection_info(self.url().as_str()).unwrap();
+        if let Some(p) = &self.password {
+            let settings = info.redis_settings().clone().set_password(p.as_str());
+            info = info.set_redis_settings(settings);
+        }
+        redis::Client::open(info)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    async fn ping(&self) -> bool {
+        let Ok(mut info) = redis::IntoConnectionInfo::into_connection_info(self.url().as_str())
+        else {
+            return false;
+        };
+        if let Some(p) = &self.password {
+            let settings = info.redis_settings().clone().set_password(p.as_str());
+            info = info.set_redis_settings(settings);
+        }
+        let Ok(client) = redis::Client::open(info) else {
+            return false;
+        };
+        let Ok(Ok(mut conn)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        else {
+            return false;
+        };
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .is_ok()
+    }
+
+    /// Kills it (SIGKILL, by PID) and waits for it to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,383 @@
+//! Shared state ("Shared state: several replicas, one cache" in the contract): three gateways,
+//! one real `redis-server` started per test, one mock region.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+use common::redis_server::RedisServer;
+use common::*;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use convocore_gateway::testing::mock::MockConvocore;
+
+/// A key file with these 32-byte keys (first seals).
+fn key_file(dir: &std::path::Path, name: &str, keys: &[u8]) -> std::path::PathBuf {
+    let text: String = keys
+        .iter()
+        .map(|b| base64::engine::general_purpose::STANDARD.encode([*b; 32]) + "\n")
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+struct Fleet {
+    region: MockConvocore,
+    gateways: Vec<Gateway>,
+    _dir: tempfile::TempDir,
+}
+
+async fn fleet(redis: &RedisServer, replicas: usize, extra_shared: &str) -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "cache-key", &[7]);
+    let region = MockConvocore::start(
+        "eu",
+        UPSTREAM_TOKEN,
+        &[("agent-eu", &["c1", "c2", "c3"]), ("agent-na", &["c1"])],
+    )
+    .await
+    .unwrap();
+    let mut gateways = Vec::new();
+    for _ in 0..replicas {
+        let gw = Gateway::start_with(TestConfig {
+            cache: "enabled = true\nttl = \"1h\"\n".into(),
+            region_urls: Some((region.base_url(), region.base_url())),
+            extra: format!(
+                "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n{extra_shared}",
+                redis.url(),
+                keys.display()
+            ),
+            ..TestConfig::default()
+        })
+        .await;
+        gateways.push(gw);
+    }
+    for gw in &gateways {
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                shared_up(gw).await == 1.0
+            })
+            .await,
+            "shared_up"
+        );
+    }
+    Fleet {
+        region,
+        gateways,
+        _dir: dir,
+    }
+}
+
+async fn metrics_text(gw: &Gateway) -> String {
+    gw.admin(http::Method::GET, "/metrics", &[]).await.text()
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `Cache-Control: no-cache`: fetched afresh and stored (memory and Redis).
+async fn refetch(gw: &Gateway, t: &str) -> Resp {
+    gw.request(
+        http::Method::GET,
+        EXPORT_EU,
+        &[
+            ("authorization", &format!("Bearer {t}")),
+            ("cache-control", "no-cache"),
+        ],
+    )
+    .await
+}
+
+async fn shared_up(gw: &Gateway) -> f64 {
+    metric(&metrics_text(gw).await, "convocore_gateway_shared_up")
+}
+
+/// Waits until Redis holds the entry of `EXPORT_EU` (writes run after the answer).
+async fn stored_in_redis(redis: &RedisServer) -> Vec<u8> {
+    let mut conn = redis.client().await;
+    let key = "convocore-gateway:e:agent-eu:c1:json";
+    for _ in 0..200 {
+        let v: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if let Some(v) = v {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no entry in Redis");
+}
+
+#[tokio::test]
+async fn a_replica_answers_from_what_another_stored_with_the_fleets_age() {
+    let redis = RedisServer::start().await;
+    let fleet = fleet(&redis, 3, "").await;
+    let t = token("billing");
+    let first = fleet.gateways[0].get(EXPORT_EU, &t).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    stored_in_redis(&redis).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    for gw in &fleet.gateways[1..] {
+        let r = gw.get(EXPORT_EU, &t).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-cache"), Some("HIT"));
+        let cs = r.header("cache-status").unwrap();
+        assert!(
+            cs.starts_with("convocore-gateway; hit; ttl=") && cs.ends_with("; detail=shared"),
+            "{cs}"
+        );
+        let age: u64 = r.header("age").unwrap().parse().unwrap();
+        assert!(
+            age >= 1,
+            "Age counts from when the first replica stored it: {age}"
+        );
+        assert_eq!(r.body, first.body);
+        assert_eq!(r.header("etag"), first.header("etag"));
+        assert_eq!(r.header("content-type"), first.header("content-type"));
+        assert_eq!(r.header("x-convocore-region"), Some("eu"));
+        // Now in this replica's memory: a plain hit.
+        let again = gw.get(EXPORT_EU, &t).await;
+        assert_eq!(
+            again
+                .header("cache-status")
+                .map(|c| c.contains("detail=shared")),
+            Some(false)
+        );
+    }
+    assert_eq!(
+        fleet.region.request_count(),
+        1,
+        "one upstream request for the fleet"
+    );
+    let text = metrics_text(&fleet.gateways[1]).await;
+    assert!(
+        metric(
+            &text,
+            "convocore_gateway_shared_operations_total{op=\"get\",result=\"ok\"}"
+        ) >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn values_in_redis_are_sealed_and_a_tampered_or_moved_one_is_refetched() {
+    let redis = RedisServer::start().await;
+    let fleet = fleet(&redis, 2, "").await;
+    let t = token("billing");
+    let first = fleet.gateways[0].get(EXPORT_EU, &t).await;
+    let sealed = stored_in_redis(&redis).await;
+    // Nothing of the export in clear.
+    let body = first.body.clone();
+    let probe = &body[..body.len().min(24)];
+    assert!(
+        !sealed.windows(probe.len()).any(|w| w == probe),
+        "plaintext in Redis"
+    );
+    assert!(!sealed.windows(3).any(|w| w == b"eu\x00"));
+
+    // The value moved under another key does not open there.
+    let mut conn = redis.client().await;
+    let _: () = redis::cmd("SET")
+        .arg("convocore-gateway:e:agent-eu:c2:json")
+        .arg(&sealed)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let moved = fleet.gateways[1]
+        .get("/v3/agents/agent-eu/convos/c2/export", &t)
+        .await;
+    assert_eq!(moved.header("x-cache"), Some("MISS"));
+    // A tampered value does not open either.
+    let mut tampered = sealed.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x55;
+    let _: () = redis::cmd("SET")
+        .arg("convocore-gateway:e:agent-eu:c1:json")
+        .arg(&tampered)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let r = fleet.gateways[1].get(EXPORT_EU, &t).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-cache"), Some("MISS"), "refetched, not served");
+    let text = metrics_text(&fleet.gateways[1]).await;
+    assert_eq!(
+        metric(
+            &text,
+            "convocore_gateway_shared_operations_total{op=\"get\",result=\"rejected\"}"
+        ),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_key_still_opens_older_entries() {
+    let redis = RedisServer::start().await;
+    let fleet = fleet(&redis, 1, "").await;
+    let t = token("billing");
+    assert_eq!(fleet.gateways[0].get(EXPORT_EU, &t).await.status, 200);
+    stored_in_redis(&redis).await;
+    // A replica with the new key first and the old one second.
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "rotated", &[9, 7]);
+    let gw = Gateway::start_with(TestConfig {
+        cache: "enabled = true\nttl = \"1h\"\n".into(),
+        region_urls: Some((fleet.region.base_url(), fleet.region.base_url())),
+        extra: format!(
+            "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
+            redis.url(),
+            keys.display()
+        ),
+        ..TestConfig::default()
+    })
+    .await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            shared_up(&gw).await == 1.0
+        })
+        .await
+    );
+    let r = gw.get(EXPORT_EU, &t).await;
+    assert_eq!(r.header("x-cache"), Some("HIT"));
+    assert_eq!(fleet.region.request_count(), 1);
+}
+
+#[tokio::test]
+async fn a_dead_redis_costs_requests_nothing_and_is_used_again_when_back() {
+    let mut redis = RedisServer::start().await;
+    let port = redis.port;
+    let fleet = fleet(&redis, 1, "").await;
+    let gw = &fleet.gateways[0];
+    let t = token("billing");
+    redis.kill();
+    // Every request still answers from upstream (or memory); none fails for Redis.
+    for convo in ["c1", "c2", "c3", "c1", "c2", "c3"] {
+        let r = gw
+            .get(&format!("/v3/agents/agent-eu/convos/{convo}/export"), &t)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            shared_up(gw).await == 0.0
+        })
+        .await
+    );
+    let text = metrics_text(gw).await;
+    assert!(
+        metric(
+            &text,
+            "convocore_gateway_shared_operations_total{op=\"get\",result=\"error\"}"
+        ) + metric(
+            &text,
+            "convocore_gateway_shared_operations_total{op=\"get\",result=\"timeout\"}"
+        ) >= 1.0,
+        "{text}"
+    );
+    // Back on the same port: used again without a restart of the gateway.
+    let redis = RedisServer::start_with(None, Some(port)).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            // A refetch writes to Redis: the operation that finds it back.
+            let _ = refetch(gw, &t).await;
+            shared_up(gw).await == 1.0
+        })
+        .await,
+        "shared_up back to 1"
+    );
+    drop(redis);
+}
+
+#[tokio::test]
+async fn a_wrong_password_leaves_redis_unused_and_requests_unharmed() {
+    let redis = RedisServer::start_with(Some("right-password"), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "k", &[1]);
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "wrong-password\n").unwrap();
+    let gw = Gateway::start_with(TestConfig {
+        cache: "enabled = true\n".into(),
+        extra: format!(
+            "[shared]\nurl = \"{}\"\npassword_file = \"{}\"\nencryption_key_file = \"{}\"\n",
+            redis.url(),
+            pw.display(),
+            keys.display()
+        ),
+        ..TestConfig::default()
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(gw.get(EXPORT_EU, &token("billing")).await.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(shared_up(&gw).await, 0.0);
+    // The right password (the file is re-read on change): Redis is used.
+    std::fs::write(&pw, "right-password\n").unwrap();
+    let t = token("billing");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let _ = refetch(&gw, &t).await;
+            shared_up(&gw).await == 1.0
+        })
+        .await,
+        "shared_up after the password file changed"
+    );
+}
+
+#[test]
+fn check_config_names_bad_shared_keys_without_their_secrets() {
+    use common::process::{check_config_cmd, run_to_end, ProcConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let good_keys = key_file(dir.path(), "keys", &[3]);
+    let bad_keys = dir.path().join("bad-keys");
+    std::fs::write(&bad_keys, "c2hvcnQtYnV0LXNlY3JldA==\n").unwrap();
+    let cases = [
+        (
+            format!("url = \"redis://u:hunter2-secret@127.0.0.1:1\"\nencryption_key_file = \"{}\"", good_keys.display()),
+            "shared.url",
+            "hunter2-secret",
+        ),
+        (
+            format!("url = \"redis://127.0.0.1:1\"\nencryption_key_file = \"{}\"", bad_keys.display()),
+            "shared.encryption_key_file",
+            "c2hvcnQtYnV0LXNlY3JldA",
+        ),
+        (
+            "url = \"redis://127.0.0.1:1\"\nencryption_key_file = \"/nonexistent/keys\"".to_string(),
+            "shared.encryption_key_file",
+            "\u{1}",
+        ),
+        (
+            format!("url = \"redis://127.0.0.1:1\"\npassword_env = \"CONVOCORE_TEST_UNSET_PW\"\nencryption_key_file = \"{}\"", good_keys.display()),
+            "shared.password_env",
+            "\u{1}",
+        ),
+    ];
+    for (shared, key, secret) in cases {
+        let mut cfg = ProcConfig::new(dir.path());
+        cfg.test.extra = format!("[shared]\n{shared}\n");
+        let path = cfg.write(&dir.path().join("config.toml"));
+        let f = run_to_end(&mut check_config_cmd(&path));
+        assert_eq!(f.code, Some(2), "{shared}: {f:?}");
+        assert!(f.stderr.contains(key), "{shared}: {}", f.stderr);
+        assert!(!f.all().contains(secret), "{shared}: {}", f.all());
+    }
+    // A good [shared] passes without a Redis to talk to (it is checked when used).
+    let mut cfg = ProcConfig::new(dir.path());
+    cfg.test.extra = format!(
+        "[shared]\nurl = \"redis://127.0.0.1:1\"\nencryption_key_file = \"{}\"\n",
+        good_keys.display()
+    );
+    let path = cfg.write(&dir.path().join("config.toml"));
+    let f = run_to_end(&mut check_config_cmd(&path));
+    assert_eq!(f.code, Some(0), "{f:?}");
+}
