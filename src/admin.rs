@@ -90,8 +90,16 @@ async fn purge<B>(
     }
     // A team may purge only what it may export.
     policy.auth.authorize(&caller, agent)?;
-    let purged = state.cache.purge(agent, convo).await;
-    tracing::info!(team = %caller.team, agent, convo, purged, "cache purge");
+    let mut purged = state.cache.purge(agent, convo).await;
+    // With [shared]: out of Redis, and every other replica told (it drops its own entries).
+    let mut everywhere = true;
+    if let Some(redis) = &policy.shared {
+        match redis.purge(agent, convo).await {
+            Some(n) => purged = purged.max(n),
+            None => everywhere = false,
+        }
+    }
+    tracing::info!(team = %caller.team, agent, convo, purged, everywhere, "cache purge");
     let body = serde_json::json!({
         "success": true,
         "message": format!("purged {purged} cache entries"),

@@ -90,6 +90,7 @@ pub async fn run_with(
 ) -> std::io::Result<()> {
     let follow = tokio::spawn(reload::follow_file(Arc::downgrade(&state)));
     let maintain = tokio::spawn(maintain_cache(Arc::downgrade(&state)));
+    let purges = tokio::spawn(follow_purges(Arc::downgrade(&state)));
     let mut h1 = hyper::server::conn::http1::Builder::new();
     h1.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
@@ -145,6 +146,7 @@ pub async fn run_with(
     state.begin_shutdown();
     follow.abort();
     maintain.abort();
+    purges.abort();
     drop(api);
     let grace = state.policy().config.server.shutdown_grace;
     tracing::info!(
@@ -192,6 +194,33 @@ async fn maintain_cache(state: std::sync::Weak<State>) {
                 .as_ref()
                 .is_some_and(|t| t.contains_key(team))
         });
+    }
+}
+
+/// With `[shared]`: the purges other replicas publish drop this replica's entries too. The
+/// subscription is made again (after a second) whenever it ends: Redis restarted, or a reload
+/// changed `[shared]`.
+async fn follow_purges(state: std::sync::Weak<State>) {
+    loop {
+        let Some(redis) = state.upgrade().and_then(|s| s.policy().shared.clone()) else {
+            if state.strong_count() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let weak = state.clone();
+        redis
+            .listen_for_purges(|agent, convo| {
+                if let Some(state) = weak.upgrade() {
+                    let (agent, convo) = (agent.to_string(), convo.to_string());
+                    tokio::spawn(async move {
+                        state.cache.purge(&agent, &convo).await;
+                    });
+                }
+            })
+            .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

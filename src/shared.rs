@@ -11,6 +11,7 @@
 //! goes on from memory and upstream.
 
 pub mod entries;
+pub mod purge;
 pub mod seal;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -200,6 +201,44 @@ impl Redis {
                 None
             }
         }
+    }
+
+    /// Runs a Lua script under `timeout` (EVALSHA, loading it when Redis lacks it).
+    pub async fn run_script<T: redis::FromRedisValue>(
+        self: &Arc<Self>,
+        op: Op,
+        script: &redis::ScriptInvocation<'_>,
+    ) -> Option<T> {
+        if self.skipping() {
+            return None;
+        }
+        let Some(mut conn) = self.connection() else {
+            self.failed(op, "error");
+            return None;
+        };
+        match tokio::time::timeout(self.settings.timeout, script.invoke_async::<T>(&mut conn)).await
+        {
+            Ok(Ok(value)) => {
+                self.succeeded(op);
+                Some(value)
+            }
+            Ok(Err(e)) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                    self.drop_connection();
+                }
+                self.failed(op, "error");
+                None
+            }
+            Err(_) => {
+                self.failed(op, "timeout");
+                None
+            }
+        }
+    }
+
+    /// The redis-rs client as of now (with the current password), for a connection of its own.
+    pub fn client(&self) -> redis::Client {
+        lock(&self.client).clone()
     }
 
     /// Counts a value that did not open.

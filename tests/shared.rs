@@ -381,3 +381,127 @@ fn check_config_names_bad_shared_keys_without_their_secrets() {
     let f = run_to_end(&mut check_config_cmd(&path));
     assert_eq!(f.code, Some(0), "{f:?}");
 }
+
+fn purge_token(team: &str) -> String {
+    let mut c = claims(team);
+    c["scope"] = "openid convocore-gateway:purge".into();
+    mint(jsonwebtoken::Algorithm::RS256, Some("rsa-1"), &c)
+}
+
+async fn purge(gw: &Gateway) -> Resp {
+    let auth = format!("Bearer {}", purge_token("ops"));
+    gw.admin(
+        http::Method::DELETE,
+        "/admin/cache/agents/agent-eu/convos/c1",
+        &[("authorization", &auth)],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_purge_on_one_replica_reaches_redis_and_every_replica() {
+    let redis = RedisServer::start().await;
+    let fleet = fleet(&redis, 3, "").await;
+    let t = token("billing");
+    assert_eq!(
+        fleet.gateways[0].get(EXPORT_EU, &t).await.header("x-cache"),
+        Some("MISS")
+    );
+    stored_in_redis(&redis).await;
+    for gw in &fleet.gateways[1..] {
+        assert_eq!(gw.get(EXPORT_EU, &t).await.header("x-cache"), Some("HIT"));
+    }
+    // Give each replica's subscriber time to be listening.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = purge(&fleet.gateways[2]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["data"]["purged"], 1);
+    let started = std::time::Instant::now();
+    let mut conn = redis.client().await;
+    let left: Option<Vec<u8>> = redis::cmd("GET")
+        .arg("convocore-gateway:e:agent-eu:c1:json")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(left.is_none(), "out of Redis");
+    // Every replica drops its own copy: the next request there goes upstream.
+    for gw in &fleet.gateways[..2] {
+        assert!(
+            eventually(Duration::from_secs(2), || async {
+                let text = metrics_text(gw).await;
+                metric(&text, "convocore_gateway_cache_entries") == 0.0
+            })
+            .await,
+            "a replica kept the purged entry"
+        );
+    }
+    eprintln!(
+        "purge reached the other replicas in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        fleet.gateways[0].get(EXPORT_EU, &t).await.header("x-cache"),
+        Some("MISS")
+    );
+    stored_in_redis(&redis).await;
+    for gw in &fleet.gateways[1..] {
+        assert_eq!(gw.get(EXPORT_EU, &t).await.header("x-cache"), Some("HIT"));
+    }
+    assert_eq!(
+        fleet.region.request_count(),
+        2,
+        "one refetch after the purge"
+    );
+}
+
+#[tokio::test]
+async fn a_fetch_in_flight_during_a_purge_stores_on_no_replica() {
+    let redis = RedisServer::start().await;
+    let fleet = fleet(&redis, 2, "").await;
+    let t = token("billing");
+    tokio::time::sleep(Duration::from_millis(300)).await; // subscribers listening
+    fleet
+        .region
+        .set_faults(convocore_gateway::testing::mock::Faults {
+            delay: Duration::from_millis(600),
+            ..Default::default()
+        });
+    let slow = {
+        let gw0 = fleet.gateways[0].url(EXPORT_EU);
+        let t = t.clone();
+        tokio::spawn(async move {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Empty<bytes::Bytes>>();
+            let req = http::Request::get(gw0)
+                .header("authorization", format!("Bearer {t}"))
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            client.request(req).await.unwrap().status()
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            fleet.region.request_count() == 1
+        })
+        .await
+    );
+    // The purge lands on the other replica while replica 0's fetch is upstream.
+    assert_eq!(purge(&fleet.gateways[1]).await.status, 200);
+    assert_eq!(slow.await.unwrap(), 200);
+    fleet.region.set_faults(Default::default());
+    tokio::time::sleep(Duration::from_millis(300)).await; // a write would have landed by now
+    let mut conn = redis.client().await;
+    let left: Option<Vec<u8>> = redis::cmd("GET")
+        .arg("convocore-gateway:e:agent-eu:c1:json")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(left.is_none(), "the pre-purge fetch was written to Redis");
+    // Nor in replica 0's memory (its local epoch moved with the broadcast).
+    assert_eq!(
+        fleet.gateways[0].get(EXPORT_EU, &t).await.header("x-cache"),
+        Some("MISS")
+    );
+    assert_eq!(fleet.region.request_count(), 2);
+}

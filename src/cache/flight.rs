@@ -114,13 +114,25 @@ impl Flights {
         let epoch = purges.epoch(&key.agent, &key.convo);
         let key = key.clone();
         let task = async move {
-            let result = match future.await {
+            // The fleet's purge epoch, read as the fetch starts: a purge anywhere after this
+            // keeps the result out of Redis.
+            let shared_epoch = async {
+                match &shared {
+                    Some((redis, _)) => redis.epoch(&key.agent, &key.convo).await,
+                    None => None,
+                }
+            };
+            let (shared_epoch, result) = tokio::join!(shared_epoch, future);
+            let result = match result {
                 Ok(fetched) => {
                     let fetched = Arc::new(fetched);
                     let stored = keep(&store, &key, &fetched, &purges, epoch).await;
-                    // What this replica stored, the others find in the second level.
-                    if let (true, Some((redis, keep_for))) = (stored, &shared) {
-                        redis.put_entry(&key, fetched.clone(), *keep_for);
+                    // What this replica stored, the others find in the second level (not
+                    // when the epoch could not be read: then nothing is known of purges).
+                    if let (true, Some((redis, keep_for)), Some(shared_epoch)) =
+                        (stored, &shared, shared_epoch)
+                    {
+                        redis.put_entry(&key, fetched.clone(), *keep_for, shared_epoch);
                     }
                     Ok((fetched, stored))
                 }

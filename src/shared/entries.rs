@@ -107,37 +107,6 @@ impl Redis {
             }
         }
     }
-
-    /// Writes `entry` for `key` in the background, to expire after `keep`.
-    pub fn put_entry(self: &Arc<Self>, key: &Export, entry: Arc<Fetched>, keep: Duration) {
-        let Ok(permit) = self.writes.clone().try_acquire_owned() else {
-            return;
-        };
-        let me = self.clone();
-        let rkey = redis_key(self, key);
-        tokio::spawn(async move {
-            let _permit = permit;
-            let keys = me.keys.get();
-            // Sealing a large export takes a while: off the request path, as is the write.
-            let sealed = tokio::task::spawn_blocking(move || {
-                keys.seal(rkey.as_bytes(), &encode(&entry))
-                    .map(|s| (rkey, s))
-            })
-            .await
-            .ok()
-            .flatten();
-            let Some((rkey, sealed)) = sealed else {
-                return;
-            };
-            let ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX).max(1);
-            let _: Option<()> = me
-                .run(
-                    Op::Set,
-                    redis::cmd("SET").arg(&rkey).arg(sealed).arg("PX").arg(ms),
-                )
-                .await;
-        });
-    }
 }
 
 #[cfg(test)]
