@@ -119,6 +119,8 @@ pub struct Settings {
     pub windows: Windows,
     /// The second level, with `[shared]`.
     pub shared: Option<Arc<crate::shared::Redis>>,
+    /// How long a fleet fetch lease lives, and how long others wait on it.
+    pub lease: crate::shared::lease::Lease,
 }
 
 impl Settings {
@@ -132,6 +134,10 @@ impl Settings {
                 stale_while_revalidate: c.stale_while_revalidate,
             },
             shared: None,
+            lease: crate::shared::lease::Lease {
+                hold: std::time::Duration::from_secs(40),
+                wait: std::time::Duration::from_secs(30),
+            },
         }
     }
 }
@@ -315,6 +321,18 @@ impl Cache {
             Fwd::Miss
         };
         match result {
+            // Another replica held the fleet's lease and fetched: its entry, as a shared hit.
+            Ok((fetched, _)) if fetched.from_shared => {
+                let age = fetched.received.age(clock::now());
+                let ttl_left = settings.windows.ttl.saturating_sub(age);
+                Ok(Answer {
+                    detail: Detail::SharedHit {
+                        ttl: ttl_left.as_secs(),
+                    },
+                    coalesced: !leader,
+                    ..hit(fetched, age, ttl_left)
+                })
+            }
             Ok((fetched, stored)) if !is_failure(fetched.status) => {
                 let fwd_status = (leader && !stored).then(|| fetched.status.as_u16());
                 let detail = Detail::Forward {
@@ -381,7 +399,7 @@ impl Cache {
                     shared: settings
                         .shared
                         .as_ref()
-                        .map(|redis| (redis.clone(), settings.windows.keep())),
+                        .map(|redis| (redis.clone(), settings.windows.keep(), settings.lease)),
                 },
             )
             .await

@@ -11,6 +11,7 @@
 //! goes on from memory and upstream.
 
 pub mod entries;
+pub mod lease;
 pub mod purge;
 pub mod seal;
 

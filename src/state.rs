@@ -216,6 +216,13 @@ impl Parts {
         Ok(Policy {
             cache: cache::Settings {
                 shared: shared.clone(),
+                lease: crate::shared::lease::Lease {
+                    // Past the holder's own queue wait and exchange.
+                    hold: config.upstream.queue_timeout
+                        + config.upstream.request_timeout
+                        + std::time::Duration::from_secs(1),
+                    wait: config.upstream.request_timeout,
+                },
                 ..cache::Settings::from_config(&config.cache)
             },
             config,

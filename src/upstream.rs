@@ -173,6 +173,8 @@ pub struct Fetched {
     pub region: HeaderValue,
     /// Convocore's `Retry-After`, as a delay from when it came.
     pub retry_after: Option<Duration>,
+    /// Read from the shared Redis (another replica fetched it), not from Convocore.
+    pub from_shared: bool,
 }
 
 /// Whether a failed exchange is tried again: Convocore cannot have acted on it (no

@@ -505,3 +505,80 @@ async fn a_fetch_in_flight_during_a_purge_stores_on_no_replica() {
     );
     assert_eq!(fleet.region.request_count(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_spread_across_replicas_makes_one_upstream_request() {
+    let redis = RedisServer::start().await;
+    let fleet = std::sync::Arc::new(fleet(&redis, 3, "").await);
+    fleet
+        .region
+        .set_faults(convocore_gateway::testing::mock::Faults {
+            delay: Duration::from_millis(400),
+            ..Default::default()
+        });
+    let t = token("billing");
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let (fleet, t) = (fleet.clone(), t.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = fleet.gateways[i % 3].get(EXPORT_EU, &t).await;
+            (
+                r.status,
+                r.header("x-cache").map(str::to_string),
+                r.header("cache-status").map(str::to_string),
+            )
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    assert!(outcomes.iter().all(|(s, _, _)| *s == 200), "{outcomes:?}");
+    assert_eq!(
+        fleet.region.request_count(),
+        1,
+        "one upstream request for the fleet: {outcomes:?}"
+    );
+    // The other replicas' waiters answered from the holder's entry.
+    let shared = outcomes
+        .iter()
+        .filter(|(_, x, cs)| {
+            x.as_deref() == Some("HIT")
+                && cs.as_deref().is_some_and(|c| c.contains("detail=shared"))
+        })
+        .count();
+    assert!(shared >= 2, "{outcomes:?}");
+    // No lease is left behind.
+    let mut conn = redis.client().await;
+    let lease: Option<String> = redis::cmd("GET")
+        .arg("convocore-gateway:l:agent-eu:c1:json")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(lease.is_none());
+}
+
+#[tokio::test]
+async fn a_lease_whose_holder_fails_lets_the_waiters_fetch_themselves() {
+    let redis = RedisServer::start().await;
+    let fleet = fleet(&redis, 2, "").await;
+    // A holder that died: its lease is there, its entry never comes.
+    let mut conn = redis.client().await;
+    let _: () = redis::cmd("SET")
+        .arg("convocore-gateway:l:agent-eu:c1:json")
+        .arg("dead-holder")
+        .arg("PX")
+        .arg(700)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = fleet.gateways[0].get(EXPORT_EU, &token("billing")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-cache"), Some("MISS"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "it waited for the lease first"
+    );
+    assert_eq!(fleet.region.request_count(), 1);
+}

@@ -118,25 +118,44 @@ impl Flights {
             // keeps the result out of Redis.
             let shared_epoch = async {
                 match &shared {
-                    Some((redis, _)) => redis.epoch(&key.agent, &key.convo).await,
+                    Some((redis, _, _)) => redis.epoch(&key.agent, &key.convo).await,
                     None => None,
                 }
             };
-            let (shared_epoch, result) = tokio::join!(shared_epoch, future);
+            // One fetch for the fleet: the lease holder fetches, the others wait for its entry.
+            let fetched = async {
+                match &shared {
+                    Some((redis, _, lease)) => redis.one_fetch(&key, *lease, future).await,
+                    None => (future.await, None),
+                }
+            };
+            let (shared_epoch, (result, lease)) = tokio::join!(shared_epoch, fetched);
             let result = match result {
                 Ok(fetched) => {
                     let fetched = Arc::new(fetched);
                     let stored = keep(&store, &key, &fetched, &purges, epoch).await;
                     // What this replica stored, the others find in the second level (not
                     // when the epoch could not be read: then nothing is known of purges).
-                    if let (true, Some((redis, keep_for)), Some(shared_epoch)) =
-                        (stored, &shared, shared_epoch)
-                    {
-                        redis.put_entry(&key, fetched.clone(), *keep_for, shared_epoch);
+                    match (&shared, shared_epoch) {
+                        (Some((redis, keep_for, _)), Some(shared_epoch))
+                            if stored && !fetched.from_shared =>
+                        {
+                            redis.put_entry(&key, fetched.clone(), *keep_for, shared_epoch, lease);
+                        }
+                        _ => {
+                            if let Some(lease) = lease {
+                                lease.release();
+                            }
+                        }
                     }
                     Ok((fetched, stored))
                 }
-                Err(failed) => Err(failed),
+                Err(failed) => {
+                    if let Some(lease) = lease {
+                        lease.release();
+                    }
+                    Err(failed)
+                }
             };
             flights.lock().await.remove(&key);
             let _ = tx.send(Some(result));
@@ -151,7 +170,11 @@ impl Flights {
 pub struct Levels<'a> {
     pub store: &'a Arc<ArcSwapOption<Memory>>,
     pub purges: &'a Arc<Epochs>,
-    pub shared: Option<(Arc<crate::shared::Redis>, Duration)>,
+    pub shared: Option<(
+        Arc<crate::shared::Redis>,
+        Duration,
+        crate::shared::lease::Lease,
+    )>,
 }
 
 /// Stores a fetched `200` in the store in use now (a reload may have replaced the one the

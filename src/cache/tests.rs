@@ -48,6 +48,7 @@ fn fetched_in(region: &'static str, status: StatusCode, body: &'static str) -> F
         received: clock::now(),
         region: HeaderValue::from_static(region),
         retry_after: None,
+        from_shared: false,
     }
 }
 
@@ -73,6 +74,10 @@ fn settings(ttl: u64, sie: u64, swr: u64) -> Settings {
             stale_while_revalidate: Duration::from_secs(swr),
         },
         shared: None,
+        lease: crate::shared::lease::Lease {
+            hold: Duration::from_secs(40),
+            wait: Duration::from_secs(30),
+        },
     }
 }
 

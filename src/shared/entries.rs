@@ -83,6 +83,7 @@ pub fn decode(bytes: &[u8]) -> Option<Fetched> {
         received: UnixMillis(received),
         region,
         retry_after: None,
+        from_shared: false,
     })
 }
 
@@ -130,6 +131,7 @@ mod tests {
             received: UnixMillis(1_700_000_000_123),
             region: HeaderValue::from_static("eu"),
             retry_after: None,
+            from_shared: false,
         };
         let back = decode(&encode(&f)).unwrap();
         assert_eq!(back.status, f.status);

@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use super::entries::{encode, redis_key};
+use super::lease::Held;
 use super::{Op, Redis};
 use crate::domain::{Export, Format};
 use crate::upstream::Fetched;
@@ -80,15 +81,20 @@ impl Redis {
         value.map(|v| v.unwrap_or(0))
     }
 
-    /// Writes `entry` in the background if no purge came since `epoch` was read.
+    /// Writes `entry` in the background if no purge came since `epoch` was read, then lets
+    /// `lease` go (the replicas waiting on it find the entry).
     pub fn put_entry(
         self: &Arc<Self>,
         key: &Export,
         entry: Arc<Fetched>,
         keep: Duration,
         epoch: u64,
+        lease: Option<Held>,
     ) {
         let Ok(permit) = self.writes.clone().try_acquire_owned() else {
+            if let Some(lease) = lease {
+                lease.release();
+            }
             return;
         };
         let me = self.clone();
@@ -105,13 +111,15 @@ impl Redis {
             .await
             .ok()
             .flatten();
-            let Some((rkey, sealed)) = sealed else {
-                return;
-            };
-            let ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX).max(1);
-            let mut script = SET_IF_EPOCH.prepare_invoke();
-            script.key(ekey).key(rkey).arg(epoch).arg(sealed).arg(ms);
-            let _: Option<i64> = me.run_script(Op::Set, &script).await;
+            if let Some((rkey, sealed)) = sealed {
+                let ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX).max(1);
+                let mut script = SET_IF_EPOCH.prepare_invoke();
+                script.key(ekey).key(rkey).arg(epoch).arg(sealed).arg(ms);
+                let _: Option<i64> = me.run_script(Op::Set, &script).await;
+            }
+            if let Some(lease) = lease {
+                lease.release();
+            }
         });
     }
 

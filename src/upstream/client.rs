@@ -118,6 +118,7 @@ pub async fn exchange(
             .headers
             .get(RETRY_AFTER)
             .and_then(|v| retry_after(v.as_bytes(), std::time::SystemTime::now())),
+        from_shared: false,
     })
 }
 
