@@ -62,10 +62,20 @@ async fn export<B>(
     allowed?;
     // The team's rate, hits included, before the cache.
     if let Some((limit, listed)) = policy.teams.limit(team) {
+        // Fleet-wide with [shared]; without Redis, this replica's share of the limit.
+        let verdict = match &policy.shared {
+            Some(redis) => match redis.take(team, limit).await {
+                Some(verdict) => verdict,
+                None => state
+                    .traffic()
+                    .take(team, listed, limit.share(redis.replicas())),
+            },
+            None => state.traffic().take(team, listed, limit),
+        };
         if let Verdict::Limited {
             retry_after,
             full_in,
-        } = state.traffic().take(team, listed, limit)
+        } = verdict
         {
             policy.metrics.rate_limited(policy.auth.team_label(team));
             return Err(ApiError::RateLimited(RateLimited {
@@ -93,6 +103,7 @@ async fn export<B>(
                 wanted: &wanted,
                 team: &payer.team,
                 weight,
+                shared: policy.shared.as_ref(),
             };
             policy.upstream.fetch(&ask).await
         }

@@ -90,7 +90,7 @@ pub async fn run_with(
 ) -> std::io::Result<()> {
     let follow = tokio::spawn(reload::follow_file(Arc::downgrade(&state)));
     let maintain = tokio::spawn(maintain_cache(Arc::downgrade(&state)));
-    let purges = tokio::spawn(follow_purges(Arc::downgrade(&state)));
+    let shared = tokio::spawn(follow_shared(Arc::downgrade(&state)));
     let mut h1 = hyper::server::conn::http1::Builder::new();
     h1.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
@@ -146,7 +146,7 @@ pub async fn run_with(
     state.begin_shutdown();
     follow.abort();
     maintain.abort();
-    purges.abort();
+    shared.abort();
     drop(api);
     let grace = state.policy().config.server.shutdown_grace;
     tracing::info!(
@@ -197,10 +197,11 @@ async fn maintain_cache(state: std::sync::Weak<State>) {
     }
 }
 
-/// With `[shared]`: the purges other replicas publish drop this replica's entries too. The
-/// subscription is made again (after a second) whenever it ends: Redis restarted, or a reload
-/// changed `[shared]`.
-async fn follow_purges(state: std::sync::Weak<State>) {
+/// With `[shared]`: the purges and pauses other replicas publish reach this one (its copies
+/// of a purged conversation go, a region Convocore paused pauses here too), and a heartbeat
+/// tells the fleet how many replicas share the limits. Subscriptions are made again (after a
+/// second) whenever they end: Redis restarted, or a reload changed `[shared]`.
+async fn follow_shared(state: std::sync::Weak<State>) {
     loop {
         let Some(redis) = state.upgrade().and_then(|s| s.policy().shared.clone()) else {
             if state.strong_count() == 0 {
@@ -209,9 +210,9 @@ async fn follow_purges(state: std::sync::Weak<State>) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
-        let weak = state.clone();
-        redis
-            .listen_for_purges(|agent, convo| {
+        let purges = {
+            let weak = state.clone();
+            redis.listen_for_purges(move |agent, convo| {
                 if let Some(state) = weak.upgrade() {
                     let (agent, convo) = (agent.to_string(), convo.to_string());
                     tokio::spawn(async move {
@@ -219,7 +220,35 @@ async fn follow_purges(state: std::sync::Weak<State>) {
                     });
                 }
             })
-            .await;
+        };
+        let pauses = {
+            let weak = state.clone();
+            redis.listen_for_pauses(move |region, pause| {
+                if let Some(state) = weak.upgrade() {
+                    let policy = state.policy();
+                    if let Some(id) = policy.upstream.regions.by_name(region.as_bytes()) {
+                        if let Some(r) = policy.upstream.regions.get(id) {
+                            r.traffic.gate.pause_from_peer(pause);
+                        }
+                    }
+                }
+            })
+        };
+        let heartbeat = async {
+            loop {
+                let pause = if redis.heartbeat().await {
+                    crate::shared::limits::HEARTBEAT
+                } else {
+                    Duration::from_secs(1)
+                };
+                tokio::time::sleep(pause).await;
+            }
+        };
+        // Until both subscriptions end (the heartbeat never does by itself).
+        tokio::select! {
+            _ = async { tokio::join!(purges, pauses) } => {}
+            _ = heartbeat => {}
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

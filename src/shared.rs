@@ -12,6 +12,7 @@
 
 pub mod entries;
 pub mod lease;
+pub mod limits;
 pub mod purge;
 pub mod seal;
 
@@ -78,6 +79,9 @@ pub struct Redis {
     metrics: SharedMetrics,
     /// Background writes in flight (see [`entries::MAX_WRITES`]).
     writes: Arc<tokio::sync::Semaphore>,
+    /// This replica's name in the heartbeat set (random), and the replicas last seen there.
+    instance: String,
+    replicas: AtomicU32,
 }
 
 impl std::fmt::Debug for Redis {
@@ -157,6 +161,8 @@ impl Redis {
             keys,
             metrics,
             writes: Arc::new(tokio::sync::Semaphore::new(entries::MAX_WRITES)),
+            instance: instance_id(),
+            replicas: AtomicU32::new(1),
         });
         redis.reconnect();
         Ok(redis)
@@ -335,6 +341,13 @@ impl Redis {
             me.connecting.store(false, Ordering::Release);
         });
     }
+}
+
+/// A random name for this replica.
+fn instance_id() -> String {
+    let mut bytes = [0u8; 8];
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -215,6 +215,8 @@ pub struct Ask<'a> {
     /// in the regions' fair queues.
     pub team: &'a str,
     pub weight: u32,
+    /// The shared Redis, with `[shared]`: a `429`'s pause is published to every replica.
+    pub shared: Option<&'a Arc<crate::shared::Redis>>,
 }
 
 /// One configuration's upstream side: its regions and routing, and the exchange limits.
@@ -316,6 +318,9 @@ impl Upstream {
                 Err(e) if e.not_sent() => gate::Outcome::NotSent,
                 Err(_) => gate::Outcome::Failure,
             };
+            if let (gate::Outcome::RateLimited(pause), Some(redis)) = (outcome, ask.shared) {
+                redis.publish_pause(&region.name, pause).await;
+            }
             ticket.report(outcome);
             if !matches!(&result, Err(e) if e.not_sent()) {
                 let status = match &result {

@@ -582,3 +582,108 @@ async fn a_lease_whose_holder_fails_lets_the_waiters_fetch_themselves() {
     );
     assert_eq!(fleet.region.request_count(), 1);
 }
+
+#[tokio::test]
+async fn a_team_bucket_holds_for_the_fleet_and_for_each_replica_without_redis() {
+    let mut redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "k", &[5]);
+    let mut gateways = Vec::new();
+    for _ in 0..3 {
+        let gw = Gateway::start_with(TestConfig {
+            extra: format!(
+                "[limits]\nteam_rate = \"1/m\"\nteam_burst = 2\n\
+                 [shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
+                redis.url(),
+                keys.display()
+            ),
+            ..TestConfig::default()
+        })
+        .await;
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                shared_up(&gw).await == 1.0
+            })
+            .await
+        );
+        gateways.push(gw);
+    }
+    let t = token("billing");
+    // Two requests on two replicas use the team's bucket of 2; the third replica says 429.
+    assert_eq!(gateways[0].get(EXPORT_EU, &t).await.status, 200);
+    assert_eq!(gateways[1].get(EXPORT_EU, &t).await.status, 200);
+    let limited = gateways[2].get(EXPORT_EU, &t).await;
+    limited.assert_error(429, "TOO_MANY_REQUESTS");
+    assert_eq!(
+        limited.header("ratelimit-policy"),
+        Some("\"team\";q=2;w=120")
+    );
+    let text = metrics_text(&gateways[2]).await;
+    assert!(
+        metric(
+            &text,
+            "convocore_gateway_shared_operations_total{op=\"limit\",result=\"ok\"}"
+        ) >= 1.0
+    );
+    // Another team is not limited by billing's bucket.
+    assert_eq!(
+        gateways[2].get(EXPORT_EU, &token("support")).await.status,
+        200
+    );
+
+    // Redis gone: each replica enforces (its share of) the limit itself, and nothing fails
+    // for Redis's sake.
+    redis.kill();
+    let gw = &gateways[0];
+    let team = token("reports");
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(gw.get(EXPORT_EU, &team).await.status.as_u16());
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&429),
+        "the limit still holds: {statuses:?}"
+    );
+    assert!(statuses[0] == 200, "{statuses:?}");
+}
+
+#[tokio::test]
+async fn an_upstream_429_pauses_the_region_on_every_replica() {
+    let redis = RedisServer::start().await;
+    let fleet = fleet(&redis, 3, "").await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // subscribers listening
+    let t = token("billing");
+    fleet
+        .region
+        .set_faults(convocore_gateway::testing::mock::Faults {
+            status: Some(429),
+            headers: vec![("retry-after".into(), "2".into())],
+            ..Default::default()
+        });
+    assert_eq!(fleet.gateways[0].get(EXPORT_EU, &t).await.status, 429);
+    assert_eq!(fleet.region.request_count(), 1);
+    fleet.region.set_faults(Default::default());
+    // The other replicas pause too: their own 429, nothing sent.
+    for gw in &fleet.gateways[1..] {
+        let mut own = None;
+        for _ in 0..50 {
+            let r = gw.get("/v3/agents/agent-eu/convos/c2/export", &t).await;
+            if r.status == 429 {
+                own = Some(r);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let own = own.expect("the pause reached this replica");
+        own.assert_error(429, "TOO_MANY_REQUESTS");
+        assert!(own.header("retry-after").is_some());
+    }
+    assert!(
+        fleet.region.request_count() <= 2,
+        "paused replicas sent nothing (at most one request raced the broadcast)"
+    );
+}

@@ -151,6 +151,11 @@ impl Gate {
         })
     }
 
+    /// Pauses the region as another replica's `429` did (no probe is owed by this one).
+    pub fn pause_from_peer(&self, pause: Duration) {
+        self.shared.report(false, Outcome::RateLimited(pause));
+    }
+
     /// Whether the region is closed now, without taking the probe: a request that finds it
     /// closed is refused before it queues for a slot.
     pub fn peek(&self) -> Result<(), Closed> {
