@@ -305,6 +305,22 @@ impl Upstream {
         loop {
             // Paused or opened while this one waited: still nothing is sent.
             let ticket = traffic.gate.admit().map_err(|c| failed(c.into()))?;
+            // With [shared], the region's `rate` holds for the fleet: each start is reserved in
+            // Redis (without it, this replica keeps to its share of the rate).
+            if let (Some(rate), Some(redis)) = (traffic.queue.settings().rate, ask.shared) {
+                match redis.reserve_start(&region.name, rate).await {
+                    Some(wait) if Instant::now() + wait >= deadline => {
+                        return Err(failed(UpstreamError::QueueTimeout));
+                    }
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => {
+                        traffic
+                            .queue
+                            .pace_at(rate.interval() * redis.replicas())
+                            .await
+                    }
+                }
+            }
             let started = Instant::now();
             let result = client::exchange(&self.limits, region, ask, deadline).await;
             let outcome = match &result {

@@ -687,3 +687,66 @@ async fn an_upstream_429_pauses_the_region_on_every_replica() {
         "paused replicas sent nothing (at most one request raced the broadcast)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_regions_rate_holds_for_the_fleet() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "k", &[5]);
+    let region = MockConvocore::start(
+        "eu",
+        UPSTREAM_TOKEN,
+        &[("agent-eu", &["c1", "c2", "c3", "c4", "c5", "c6"])],
+    )
+    .await
+    .unwrap();
+    let mut gateways = Vec::new();
+    for _ in 0..3 {
+        let gw = Gateway::start_with(TestConfig {
+            upstream: "rate = \"5/s\"\n".into(),
+            region_urls: Some((region.base_url(), region.base_url())),
+            extra: format!(
+                "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
+                redis.url(),
+                keys.display()
+            ),
+            ..TestConfig::default()
+        })
+        .await;
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                shared_up(&gw).await == 1.0
+            })
+            .await
+        );
+        gateways.push(std::sync::Arc::new(gw));
+    }
+    // Three replicas, four exports each, at once (cache off: every request goes upstream).
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for gw in &gateways {
+        let gw = gw.clone();
+        tasks.push(tokio::spawn(async move {
+            for convo in ["c1", "c2", "c3", "c4"] {
+                let r = gw
+                    .get(
+                        &format!("/v3/agents/agent-eu/convos/{convo}/export"),
+                        &token("billing"),
+                    )
+                    .await;
+                assert_eq!(r.status, 200, "{}", r.text());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let took = started.elapsed();
+    assert_eq!(region.request_count(), 12);
+    // 12 starts at 5/s for the fleet are 11 gaps of 200 ms; each replica alone at 5/s would
+    // have taken 600 ms.
+    assert!(
+        took >= Duration::from_millis(1800),
+        "12 exchanges in {took:?}"
+    );
+}

@@ -40,6 +40,22 @@ return {1, math.floor((window - ahead) / interval), ahead}
     )
 });
 
+/// Reserves the next start of a region's exchange at its fleet-wide `rate`: the microseconds
+/// to wait before sending.
+static RESERVE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local at = tonumber(redis.call('GET', KEYS[1]) or now)
+if at < now then at = now end
+redis.call('SET', KEYS[1], at + interval, 'PX', math.floor((at + interval - now) / 1000) + 1)
+return at - now
+",
+    )
+});
+
 static HEARTBEAT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
@@ -89,6 +105,18 @@ impl Redis {
                 full_in: us(b),
             }
         })
+    }
+
+    /// When this replica may start its next exchange with `region` under the fleet's `rate`
+    /// (a wait from now); `None` when Redis cannot say.
+    pub async fn reserve_start(self: &Arc<Self>, region: &str, rate: Rate) -> Option<Duration> {
+        let interval = u64::try_from(rate.interval().as_micros()).unwrap_or(u64::MAX);
+        let mut script = RESERVE.prepare_invoke();
+        script
+            .key(self.key(&format!("r:{region}")))
+            .arg(interval.max(1));
+        let wait: i64 = self.run_script(Op::Limit, &script).await?;
+        Some(Duration::from_micros(u64::try_from(wait).unwrap_or(0)))
     }
 
     /// The replicas last seen in Redis (this one included; 1 before any heartbeat).

@@ -256,14 +256,20 @@ impl Queue {
 
     /// Waits until `rate` allows one more start, and takes it: a retry within a held slot.
     pub async fn pace(&self) {
+        let Some(rate) = self.shared.lock().settings.rate else {
+            return;
+        };
+        self.pace_at(rate.interval()).await;
+    }
+
+    /// Waits for the next start and takes it, spaced `interval` from the one after (a
+    /// replica's share of a fleet rate while the fleet's count is out of reach).
+    pub async fn pace_at(&self, interval: Duration) {
         let at = {
             let mut inner = self.shared.lock();
-            let Some(rate) = inner.settings.rate else {
-                return;
-            };
             let now = Instant::now();
             let at = inner.next_start.unwrap_or(now).max(now);
-            inner.next_start = Some(at + rate.interval());
+            inner.next_start = Some(at + interval);
             at
         };
         tokio::time::sleep_until(at).await;
