@@ -260,6 +260,10 @@ impl Upstream {
         {
             Route::Region(region) => self.fetch_from(ask, region).await,
             Route::Discover => {
+                // Another replica may have discovered it already.
+                if let Some(region) = self.shared_region(ask).await {
+                    return self.fetch_from(ask, region).await;
+                }
                 // The one fetch path that logs: its lines carry the request id through this
                 // span (a span costs ~1 µs, too much for every miss). Boxed: rare, and it
                 // would make every request's future larger.
@@ -268,6 +272,16 @@ impl Upstream {
                 Box::pin(self.discover(ask).instrument(span)).await
             }
         }
+    }
+
+    /// The region another replica discovered for the agent (with `[shared]`), learned here too.
+    async fn shared_region(&self, ask: &Ask<'_>) -> Option<RegionId> {
+        let redis = ask.shared?;
+        let name = redis.agent_region(&ask.export.agent).await?;
+        let id = self.regions.by_name(name.as_bytes())?;
+        let header = self.regions.get(id)?.header.clone();
+        self.learned.learn(&ask.export.agent, &header).await;
+        Some(id)
     }
 
     /// One exchange with one region, through its traffic control: nothing is sent while the
@@ -376,6 +390,9 @@ impl Upstream {
             if fetched.status.is_success() {
                 tracing::info!(agent = %ask.export.agent, region = self.regions.name(Some(id)), "discovered the agent's region");
                 self.learned.learn(&ask.export.agent, &fetched.region).await;
+                if let (Some(redis), Ok(name)) = (ask.shared, fetched.region.to_str()) {
+                    redis.learn_agent_region(&ask.export.agent, name).await;
+                }
             }
             return Ok(fetched);
         }

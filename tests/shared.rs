@@ -272,6 +272,30 @@ async fn a_dead_redis_costs_requests_nothing_and_is_used_again_when_back() {
         })
         .await
     );
+    // Skipped, not tried: the requests that follow do not each pay Redis's timeout.
+    let failed_ops = |text: &str| {
+        ["get", "set", "lock"]
+            .iter()
+            .flat_map(|op| ["error", "timeout"].map(|r| (op.to_string(), r)))
+            .map(|(op, r)| {
+                metric(
+                    text,
+                    &format!(
+                        "convocore_gateway_shared_operations_total{{op=\"{op}\",result=\"{r}\"}}"
+                    ),
+                )
+            })
+            .sum::<f64>()
+    };
+    let before = failed_ops(&metrics_text(gw).await);
+    for _ in 0..10 {
+        assert_eq!(refetch(gw, &t).await.status, 200);
+    }
+    let after = failed_ops(&metrics_text(gw).await);
+    assert!(
+        after - before <= 3.0,
+        "{before} -> {after} failed operations while skipping"
+    );
     let text = metrics_text(gw).await;
     assert!(
         metric(
@@ -748,5 +772,49 @@ async fn a_regions_rate_holds_for_the_fleet() {
     assert!(
         took >= Duration::from_millis(1800),
         "12 exchanges in {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_region_one_replica_discovered_is_known_to_the_others() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "k", &[5]);
+    let (eu, na) = mocks().await;
+    na.add_agent("agent-found", &["c1"]);
+    let mut gateways = Vec::new();
+    for _ in 0..2 {
+        let gw = Gateway::start_with(TestConfig {
+            region_urls: Some((eu.base_url(), na.base_url())),
+            extra: format!(
+                "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
+                redis.url(),
+                keys.display()
+            ),
+            ..TestConfig::default()
+        })
+        .await;
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                shared_up(&gw).await == 1.0
+            })
+            .await
+        );
+        gateways.push(gw);
+    }
+    let path = "/v3/agents/agent-found/convos/c1/export";
+    let t = token("billing");
+    // Replica 0 discovers: EU says 404, NA has it.
+    let r = gateways[0].get(path, &t).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-convocore-region"), Some("na"));
+    assert_eq!((eu.request_count(), na.request_count()), (1, 1));
+    // Replica 1 goes straight to NA.
+    let r = gateways[1].get(path, &t).await;
+    assert_eq!(r.header("x-convocore-region"), Some("na"));
+    assert_eq!(
+        (eu.request_count(), na.request_count()),
+        (1, 2),
+        "no second discovery"
     );
 }

@@ -140,6 +140,32 @@ impl Redis {
         }
     }
 
+    /// The region another replica discovered for `agent`, if Redis knows one.
+    pub async fn agent_region(self: &Arc<Self>, agent: &str) -> Option<String> {
+        self.run::<Option<String>>(
+            Op::Get,
+            redis::cmd("GET").arg(self.key(&format!("a:{agent}"))),
+        )
+        .await
+        .flatten()
+    }
+
+    /// Tells the fleet which region has `agent` (kept as long as a replica's own memory of it).
+    pub async fn learn_agent_region(self: &Arc<Self>, agent: &str, region: &str) {
+        let ms =
+            u64::try_from(crate::upstream::routing::LEARNED_TTL.as_millis()).unwrap_or(u64::MAX);
+        let _: Option<()> = self
+            .run(
+                Op::Set,
+                redis::cmd("SET")
+                    .arg(self.key(&format!("a:{agent}")))
+                    .arg(region)
+                    .arg("PX")
+                    .arg(ms),
+            )
+            .await;
+    }
+
     fn pause_channel(&self) -> String {
         self.key("pause")
     }

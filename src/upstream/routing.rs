@@ -12,7 +12,7 @@ use crate::config::Config;
 /// How many discovered agents are remembered, and for how long. An agent that moves region
 /// is found again after this long at most; each entry is a few dozen bytes.
 const LEARNED_CAPACITY: u64 = 100_000;
-const LEARNED_TTL: Duration = Duration::from_secs(3600);
+pub const LEARNED_TTL: Duration = Duration::from_secs(3600);
 
 pub enum Route {
     /// Ask this region.
