@@ -818,3 +818,50 @@ async fn a_region_one_replica_discovered_is_known_to_the_others() {
         "no second discovery"
     );
 }
+
+#[tokio::test]
+async fn rediss_with_the_upstream_ca_file() {
+    let (ca, cert, key) = test_pki();
+    let redis = RedisServer::start_tls(&ca, &cert, &key).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "k", &[5]);
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &["c1"])])
+        .await
+        .unwrap();
+    let mut gateways = Vec::new();
+    for _ in 0..2 {
+        let gw = Gateway::start_with(TestConfig {
+            cache: "enabled = true\n".into(),
+            upstream: format!("ca_file = \"{}\"\n", ca_file.display()),
+            region_urls: Some((region.base_url(), region.base_url())),
+            extra: format!(
+                "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"500ms\"\n",
+                redis.url(),
+                keys.display()
+            ),
+            ..TestConfig::default()
+        })
+        .await;
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                shared_up(&gw).await == 1.0
+            })
+            .await,
+            "shared_up over TLS"
+        );
+        gateways.push(gw);
+    }
+    let t = token("billing");
+    assert_eq!(
+        gateways[0].get(EXPORT_EU, &t).await.header("x-cache"),
+        Some("MISS")
+    );
+    let sealed = stored_in_redis(&redis).await;
+    assert!(!sealed.is_empty());
+    let r = gateways[1].get(EXPORT_EU, &t).await;
+    assert_eq!(r.header("x-cache"), Some("HIT"));
+    assert!(r.header("cache-status").unwrap().contains("detail=shared"));
+    assert_eq!(region.request_count(), 1);
+}

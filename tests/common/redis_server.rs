@@ -10,6 +10,8 @@ pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     password: Option<String>,
+    /// With TLS: the CA that signed its certificate (PEM).
+    tls_ca: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -42,6 +44,7 @@ impl RedisServer {
             port,
             child: Some(child),
             password: password.map(str::to_string),
+            tls_ca: None,
             _dir: dir,
         };
         for _ in 0..200 {
@@ -53,8 +56,85 @@ impl RedisServer {
         panic!("redis-server did not answer on port {port}");
     }
 
+    /// Over TLS only (no plain port), with a certificate for 127.0.0.1 signed by `ca_pem`.
+    pub async fn start_tls(ca_pem: &str, cert_pem: &str, key_pem: &str) -> RedisServer {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        for (name, pem) in [
+            ("ca.pem", ca_pem),
+            ("cert.pem", cert_pem),
+            ("key.pem", key_pem),
+        ] {
+            std::fs::write(dir.path().join(name), pem).unwrap();
+        }
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--tls-auth-clients",
+                "no",
+            ])
+            .arg("--tls-cert-file")
+            .arg(dir.path().join("cert.pem"))
+            .arg("--tls-key-file")
+            .arg(dir.path().join("key.pem"))
+            .arg("--tls-ca-cert-file")
+            .arg(dir.path().join("ca.pem"))
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let server = RedisServer {
+            port,
+            child: Some(child),
+            password: None,
+            tls_ca: Some(ca_pem.to_string()),
+            _dir: dir,
+        };
+        for _ in 0..200 {
+            if server.ping().await {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server (TLS) did not answer on port {port}");
+    }
+
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls_ca.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
+    }
+
+    fn open(&self, info: redis::ConnectionInfo) -> redis::RedisResult<redis::Client> {
+        match &self.tls_ca {
+            Some(ca) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.as_bytes().to_vec()),
+                },
+            ),
+            None => redis::Client::open(info),
+        }
     }
 
     pub async fn client(&self) -> redis::aio::MultiplexedConnection {
@@ -64,7 +144,7 @@ impl RedisServer {
             let settings = info.redis_settings().clone().set_password(p.as_str());
             info = info.set_redis_settings(settings);
         }
-        redis::Client::open(info)
+        self.open(info)
             .unwrap()
             .get_multiplexed_async_connection()
             .await
@@ -80,7 +160,7 @@ impl RedisServer {
             let settings = info.redis_settings().clone().set_password(p.as_str());
             info = info.set_redis_settings(settings);
         }
-        let Ok(client) = redis::Client::open(info) else {
+        let Ok(client) = self.open(info) else {
             return false;
         };
         let Ok(Ok(mut conn)) = tokio::time::timeout(
