@@ -865,3 +865,171 @@ async fn rediss_with_the_upstream_ca_file() {
     assert!(r.header("cache-status").unwrap().contains("detail=shared"));
     assert_eq!(region.request_count(), 1);
 }
+
+#[tokio::test]
+async fn both_levels_mean_the_same_for_no_cache_no_store_teams_and_stale_entries() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "k", &[5]);
+    let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &["c1", "c2"])])
+        .await
+        .unwrap();
+    let mut gateways = Vec::new();
+    for _ in 0..3 {
+        let gw = Gateway::start_with(TestConfig {
+            cache: "enabled = true\nttl = \"1s\"\nstale_if_error = \"1h\"\n".into(),
+            teams:
+                "[teams]\nbilling = { agents = [\"*\"] }\nsupport = { agents = [\"agent-na\"] }\n"
+                    .into(),
+            region_urls: Some((region.base_url(), region.base_url())),
+            extra: format!(
+                "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
+                redis.url(),
+                keys.display()
+            ),
+            ..TestConfig::default()
+        })
+        .await;
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                shared_up(&gw).await == 1.0
+            })
+            .await
+        );
+        gateways.push(gw);
+    }
+    let t = token("billing");
+    let mut conn = redis.client().await;
+    // no-store: fetched, stored at neither level.
+    let r = gateways[0]
+        .request(
+            http::Method::GET,
+            EXPORT_EU,
+            &[
+                ("authorization", &format!("Bearer {t}")),
+                ("cache-control", "no-store"),
+            ],
+        )
+        .await;
+    assert_eq!(r.header("x-cache"), Some("BYPASS"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let none: Option<Vec<u8>> = redis::cmd("GET")
+        .arg("convocore-gateway:e:agent-eu:c1:json")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(none.is_none(), "no-store wrote to Redis");
+
+    // A stored 200 expires from Redis after ttl plus the stale window.
+    assert_eq!(
+        gateways[0].get(EXPORT_EU, &t).await.header("x-cache"),
+        Some("MISS")
+    );
+    stored_in_redis(&redis).await;
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("convocore-gateway:e:agent-eu:c1:json")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        (3_590_000..=3_601_000).contains(&pttl),
+        "expires after ttl 1s + stale_if_error 1h: {pttl} ms"
+    );
+
+    // [teams] comes before either level: a team that may not export the agent gets 403,
+    // whatever Redis holds.
+    gateways[1]
+        .get(EXPORT_EU, &token("support"))
+        .await
+        .assert_error(403, "FORBIDDEN");
+
+    // no-cache on another replica: fetched afresh although Redis has it, and replaces it.
+    let before = region.request_count();
+    let r = refetch(&gateways[1], &t).await;
+    assert_eq!(r.header("x-cache"), Some("MISS"));
+    assert_eq!(region.request_count(), before + 1);
+
+    // Past ttl, the region failing: a replica that never saw the export serves Redis's copy
+    // stale.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    region.set_faults(convocore_gateway::testing::mock::Faults {
+        status: Some(500),
+        ..Default::default()
+    });
+    let stale = gateways[2].get(EXPORT_EU, &t).await;
+    assert_eq!(stale.status, 200, "{}", stale.text());
+    assert_eq!(stale.header("x-cache"), Some("STALE"));
+    assert!(stale.header("cache-status").unwrap().contains("fwd=stale"));
+    // And /readyz does not depend on Redis.
+    assert_eq!(
+        gateways[2]
+            .admin(http::Method::GET, "/readyz", &[])
+            .await
+            .status,
+        200
+    );
+}
+
+/// `cargo test --test shared -- --ignored --nocapture fleet_hit_ratio`: one request stream
+/// (120 requests over 20 conversations, round robin over 3 replicas) with and without
+/// `[shared]`; prints the fleet's hit ratio and upstream requests.
+#[tokio::test]
+#[ignore]
+async fn fleet_hit_ratio() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "k", &[5]);
+    let convos: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
+    for shared in [false, true] {
+        let refs: Vec<&str> = convos.iter().map(String::as_str).collect();
+        let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &refs)])
+            .await
+            .unwrap();
+        let mut gateways = Vec::new();
+        for _ in 0..3 {
+            let extra = if shared {
+                format!(
+                    "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\nkey_prefix = \"ratio:\"\n",
+                    redis.url(),
+                    keys.display()
+                )
+            } else {
+                String::new()
+            };
+            let gw = Gateway::start_with(TestConfig {
+                cache: "enabled = true\nttl = \"1h\"\n".into(),
+                region_urls: Some((region.base_url(), region.base_url())),
+                extra,
+                ..TestConfig::default()
+            })
+            .await;
+            if shared {
+                assert!(
+                    eventually(Duration::from_secs(5), || async {
+                        shared_up(&gw).await == 1.0
+                    })
+                    .await
+                );
+            }
+            gateways.push(gw);
+        }
+        let t = token("billing");
+        let mut hits = 0;
+        for i in 0..120 {
+            let convo = &convos[(i * 7) % 20];
+            let r = gateways[i % 3]
+                .get(&format!("/v3/agents/agent-eu/convos/{convo}/export"), &t)
+                .await;
+            if r.header("x-cache") == Some("HIT") {
+                hits += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        println!(
+            "fleet hit ratio, 3 replicas, {}: {:.1} % ({hits} of 120), upstream requests {}",
+            if shared { "[shared]" } else { "no [shared]" },
+            hits as f64 / 1.2,
+            region.request_count()
+        );
+    }
+}
