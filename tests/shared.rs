@@ -1033,3 +1033,104 @@ async fn fleet_hit_ratio() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_waiter_gives_up_on_a_lease_after_request_timeout() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "k", &[5]);
+    let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &["c1"])])
+        .await
+        .unwrap();
+    let gw = Gateway::start_with(TestConfig {
+        cache: "enabled = true\n".into(),
+        upstream: "request_timeout = \"600ms\"\n".into(),
+        region_urls: Some((region.base_url(), region.base_url())),
+        extra: format!(
+            "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
+            redis.url(),
+            keys.display()
+        ),
+        ..TestConfig::default()
+    })
+    .await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            shared_up(&gw).await == 1.0
+        })
+        .await
+    );
+    // A lease that outlives the wait (a holder stuck far longer than request_timeout).
+    let mut conn = redis.client().await;
+    let _: () = redis::cmd("SET")
+        .arg("convocore-gateway:l:agent-eu:c1:json")
+        .arg("stuck-holder")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = gw.get(EXPORT_EU, &token("billing")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-cache"), Some("MISS"));
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(400), "waited {waited:?}");
+    assert!(waited < Duration::from_secs(10), "waited {waited:?}");
+    assert_eq!(region.request_count(), 1);
+}
+
+#[tokio::test]
+async fn a_changed_key_file_is_read_again_and_old_values_no_longer_open() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "keys", &[1]);
+    let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &["c1", "c2"])])
+        .await
+        .unwrap();
+    let mut gateways = Vec::new();
+    for _ in 0..2 {
+        let gw = Gateway::start_with(TestConfig {
+            cache: "enabled = true\n".into(),
+            region_urls: Some((region.base_url(), region.base_url())),
+            extra: format!(
+                "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
+                redis.url(),
+                keys.display()
+            ),
+            ..TestConfig::default()
+        })
+        .await;
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                shared_up(&gw).await == 1.0
+            })
+            .await
+        );
+        gateways.push(gw);
+    }
+    let t = token("billing");
+    assert_eq!(
+        gateways[0].get(EXPORT_EU, &t).await.header("x-cache"),
+        Some("MISS")
+    );
+    stored_in_redis(&redis).await;
+    // The old key is dropped from the file (a compromised key): once the file is read again
+    // (it is polled every 500 ms), its values stop opening on every replica.
+    key_file(dir.path(), "keys", &[2]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = gateways[1].get(EXPORT_EU, &t).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("x-cache"),
+        Some("MISS"),
+        "served a value of the dropped key"
+    );
+    let text = metrics_text(&gateways[1]).await;
+    assert!(
+        metric(
+            &text,
+            "convocore_gateway_shared_operations_total{op=\"get\",result=\"rejected\"}"
+        ) >= 1.0
+    );
+}
