@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
+use hyper::body::Body as _;
 
 use self::access::Access;
 use crate::cache::{CacheStatus, Mode};
@@ -137,7 +138,17 @@ async fn export<B>(
     if answer.went_upstream {
         access.upstream = Some(answer.response.elapsed);
     }
-    Ok(respond::export(answer))
+    let mut response = respond::export(answer);
+    if req.method() == http::Method::HEAD {
+        // The GET's headers, Content-Length included, and no body.
+        let length = response.body().size_hint().exact().unwrap_or(0);
+        response.headers_mut().insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from(length),
+        );
+        *response.body_mut() = Full::new(Bytes::new());
+    }
+    Ok(response)
 }
 
 /// The length of a request's target (path and query), as the client sent it.

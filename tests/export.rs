@@ -198,24 +198,68 @@ async fn other_paths_are_404() {
 }
 
 #[tokio::test]
-async fn other_methods_on_the_route_are_405_with_allow_get() {
+async fn other_methods_on_the_route_are_405_with_allow_get_head() {
     let gw = Gateway::start().await;
     let bearer = auth(&token("billing"));
-    for method in [Method::POST, Method::PUT, Method::DELETE, Method::PATCH] {
+    for method in [
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::OPTIONS,
+    ] {
         let r = gw
             .request(method.clone(), EXPORT_EU, &[("authorization", &bearer)])
             .await;
         assert_eq!(r.status, 405, "{method}: {}", r.text());
         r.assert_error(405, "METHOD_NOT_SUPPORTED");
-        assert_eq!(r.header("allow"), Some("GET"), "{method}");
+        assert_eq!(r.header("allow"), Some("GET, HEAD"), "{method}");
     }
-    // HEAD has no body, but the status and Allow are the same.
-    let r = gw
+    assert_eq!(gw.upstream_count(), 0);
+}
+
+#[tokio::test]
+async fn head_is_answered_as_get_without_the_body() {
+    let gw = Gateway::start_with(TestConfig {
+        cache: "enabled = true\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    let bearer = auth(&token("billing"));
+    // A HEAD miss fills the cache like a GET.
+    let head = gw
         .request(Method::HEAD, EXPORT_EU, &[("authorization", &bearer)])
         .await;
-    assert_eq!(r.status, 405);
-    assert_eq!(r.header("allow"), Some("GET"));
-    assert_eq!(gw.upstream_count(), 0);
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("x-cache"), Some("MISS"));
+    let get = gw.get(EXPORT_EU, &token("billing")).await;
+    assert_eq!(get.header("x-cache"), Some("HIT"));
+    assert_eq!(gw.upstream_count(), 1, "the HEAD's fetch filled the entry");
+    assert_eq!(
+        head.header("content-length").map(str::to_string),
+        Some(get.body.len().to_string())
+    );
+    let head = gw
+        .request(Method::HEAD, EXPORT_EU, &[("authorization", &bearer)])
+        .await;
+    assert_eq!(head.header("x-cache"), Some("HIT"));
+    for name in [
+        "content-type",
+        "etag",
+        "last-modified",
+        "x-convocore-region",
+        "content-length",
+    ] {
+        assert_eq!(head.header(name), get.header(name), "{name}");
+    }
+    assert!(head.header("age").is_some() && head.header("cache-status").is_some());
+    // Without a token: the same 401 as a GET (no body either).
+    let r = gw.request(Method::HEAD, EXPORT_EU, &[]).await;
+    assert_eq!(r.status, 401);
+    assert!(r.header("www-authenticate").is_some());
+    // The upstream was asked with GET.
+    assert!(gw.eu.requests().iter().all(|r| r.method == "GET"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -922,6 +966,21 @@ async fn api_listener_speaks_h2c_with_prior_knowledge() {
         assert_eq!(v["data"]["metadata"]["convo"]["id"], "c1");
     }
     assert_eq!(gw.eu.request_count(), 2);
+    // HEAD over HTTP/2: the headers with the GET's Content-Length, no DATA.
+    let req = Request::head(gw.url(EXPORT_EU))
+        .header("authorization", auth(&token("billing")))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let length: usize = resp.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(length > 100, "{length}");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.is_empty());
 }
 
 #[tokio::test]

@@ -146,7 +146,11 @@ fn check_route(method: &Method, target: &str) -> Result<(), TestCaseError> {
     let result = route::parse(method, &uri);
     match &result {
         Ok(export) => {
-            prop_assert_eq!(method, &Method::GET);
+            prop_assert!(
+                method == Method::GET || method == Method::HEAD,
+                "{}",
+                method
+            );
             prop_assert!(is_id(&export.agent) && is_id(&export.convo), "{:?}", export);
             prop_assert_eq!(
                 path,
@@ -162,12 +166,20 @@ fn check_route(method: &Method, target: &str) -> Result<(), TestCaseError> {
         Err(ApiError::NotFound) => prop_assert!(!route_shaped(path), "404 for {}", path),
         Err(ApiError::MethodNotSupported(allow)) => {
             prop_assert!(route_shaped(path), "405 for {}", path);
-            prop_assert_ne!(method, &Method::GET);
-            prop_assert_eq!(*allow, "GET");
+            prop_assert!(
+                method != Method::GET && method != Method::HEAD,
+                "{}",
+                method
+            );
+            prop_assert_eq!(*allow, "GET, HEAD");
         }
         Err(ApiError::BadRequest(_)) => {
             prop_assert!(route_shaped(path), "400 for {}", path);
-            prop_assert_eq!(method, &Method::GET);
+            prop_assert!(
+                method == Method::GET || method == Method::HEAD,
+                "{}",
+                method
+            );
         }
         Err(other) => return Err(fail(format!("unexpected {other:?}"))),
     }
@@ -198,7 +210,9 @@ fn method() -> impl Strategy<Value = Method> {
 }
 
 fn non_get() -> impl Strategy<Value = Method> {
-    method().prop_filter("not GET", |m| *m != Method::GET)
+    method().prop_filter("not GET or HEAD", |m| {
+        *m != Method::GET && *m != Method::HEAD
+    })
 }
 
 fn valid_id() -> impl Strategy<Value = String> {
@@ -361,7 +375,7 @@ proptest! {
         }
     }
 
-    /// Any other method on the route's path is 405 with `Allow: GET`, whatever the query.
+    /// Any other method on the route's path is 405 with `Allow: GET, HEAD`, whatever the query.
     #[test]
     fn route_other_methods_are_405(
         method in non_get(),
@@ -372,7 +386,7 @@ proptest! {
         let target = format!("/v3/agents/{agent}/convos/{convo}/export{query}");
         if let Ok(uri) = target.parse::<Uri>() {
             let r = route::parse(&method, &uri);
-            prop_assert!(matches!(r, Err(ApiError::MethodNotSupported("GET"))), "{} {}: {:?}", method, target, r);
+            prop_assert!(matches!(r, Err(ApiError::MethodNotSupported("GET, HEAD"))), "{} {}: {:?}", method, target, r);
         }
     }
 

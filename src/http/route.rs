@@ -25,8 +25,8 @@ pub fn parse(method: &Method, uri: &Uri) -> Result<Export, ApiError> {
         .position(|w| w == MIDDLE.as_bytes())
         .ok_or(ApiError::NotFound)?;
     let (agent, convo) = (&ids[..at], &ids[at + MIDDLE.len()..]);
-    if method != Method::GET {
-        return Err(ApiError::MethodNotSupported("GET"));
+    if method != Method::GET && method != Method::HEAD {
+        return Err(ApiError::MethodNotSupported("GET, HEAD"));
     }
     if !valid_id(agent) {
         return Err(ApiError::BadRequest(
@@ -140,13 +140,14 @@ mod tests {
             Method::POST,
             Method::PUT,
             Method::DELETE,
-            Method::HEAD,
+            Method::OPTIONS,
             Method::PATCH,
         ] {
             assert!(matches!(
                 parse(&m, &uri),
-                Err(ApiError::MethodNotSupported("GET"))
+                Err(ApiError::MethodNotSupported("GET, HEAD"))
             ));
         }
+        assert!(parse(&Method::HEAD, &uri).is_ok());
     }
 }
