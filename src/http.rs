@@ -2,6 +2,7 @@
 //! upstream → respond; then the one access line ([`access`]).
 
 pub mod access;
+pub mod conditional;
 pub mod respond;
 pub mod route;
 
@@ -139,6 +140,12 @@ async fn export<B>(
         access.upstream = Some(answer.response.elapsed);
     }
     let mut response = respond::export(answer);
+    // The caller already has it: 304, on a hit or after a fetch alike.
+    if response.status() == http::StatusCode::OK
+        && conditional::not_modified(req.headers(), response.headers())
+    {
+        return Ok(conditional::into_not_modified(response));
+    }
     if req.method() == http::Method::HEAD {
         // The GET's headers, Content-Length included, and no body.
         let length = response.body().size_hint().exact().unwrap_or(0);

@@ -2237,3 +2237,30 @@ proptest! {
 //   give 304, never for another entity's tag; a malformed list is ignored, not an error;
 // - If-Modified-Since: an unparsable date is ignored (RFC 9110 §13.1.3); only a date at or
 //   after the entry's Last-Modified gives 304, and If-None-Match, when present, wins.
+
+proptest! {
+    /// Any `If-None-Match` / `If-Modified-Since` text: no panic, and a `304` only when the
+    /// condition names the response's tag (or `*`) or a date not before its `Last-Modified`.
+    #[test]
+    fn conditional_headers_never_panic(inm in ".{0,80}", ims in ".{0,40}") {
+        use convocore_gateway::http::conditional::not_modified;
+        let mut request = http::HeaderMap::new();
+        if let Ok(v) = http::HeaderValue::from_str(&inm) {
+            request.insert("if-none-match", v);
+        }
+        if let Ok(v) = http::HeaderValue::from_str(&ims) {
+            request.insert("if-modified-since", v);
+        }
+        let mut response = http::HeaderMap::new();
+        response.insert("etag", http::HeaderValue::from_static("\"v1\""));
+        response.insert(
+            "last-modified",
+            http::HeaderValue::from_static("Sun, 01 Dec 2024 10:30:02 GMT"),
+        );
+        if not_modified(&request, &response) {
+            let names_it = inm.contains("\"v1\"") || inm.contains('*');
+            let by_date = !request.contains_key("if-none-match") || !names_it;
+            prop_assert!(names_it || by_date, "304 for {:?} / {:?}", inm, ims);
+        }
+    }
+}
