@@ -1134,3 +1134,44 @@ async fn a_changed_key_file_is_read_again_and_old_values_no_longer_open() {
         ) >= 1.0
     );
 }
+
+#[tokio::test]
+async fn an_acl_user_in_the_url_with_its_password_from_a_file() {
+    let redis = RedisServer::start_args(
+        Some("default-password"),
+        None,
+        &[
+            "--user",
+            "gateway",
+            "on",
+            ">gateway-password",
+            "~*",
+            "&*",
+            "+@all",
+        ],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "k", &[1]);
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "gateway-password\n").unwrap();
+    let gw = Gateway::start_with(TestConfig {
+        cache: "enabled = true\n".into(),
+        extra: format!(
+            "[shared]\nurl = \"redis://gateway@127.0.0.1:{}/0\"\npassword_file = \"{}\"\nencryption_key_file = \"{}\"\n",
+            redis.port,
+            pw.display(),
+            keys.display()
+        ),
+        ..TestConfig::default()
+    })
+    .await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            shared_up(&gw).await == 1.0
+        })
+        .await,
+        "the ACL user logged in"
+    );
+    assert_eq!(gw.get(EXPORT_EU, &token("billing")).await.status, 200);
+}

@@ -22,6 +22,15 @@ impl RedisServer {
 
     /// With `requirepass`, and/or on a given port (to restart one on the same port).
     pub async fn start_with(password: Option<&str>, port: Option<u16>) -> RedisServer {
+        Self::start_args(password, port, &[]).await
+    }
+
+    /// With extra `redis-server` arguments (e.g. an ACL user).
+    pub async fn start_args(
+        password: Option<&str>,
+        port: Option<u16>,
+        extra: &[&str],
+    ) -> RedisServer {
         let port = port.unwrap_or_else(|| {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
@@ -37,6 +46,7 @@ impl RedisServer {
         if let Some(p) = password {
             cmd.args(["--requirepass", p]);
         }
+        cmd.args(extra);
         let child = cmd.spawn().unwrap_or_else(|e| {
             panic!("cannot start redis-server ({e}): sudo apt-get install -y redis-server")
         });
