@@ -184,30 +184,9 @@ impl Redis {
         op: Op,
         cmd: &redis::Cmd,
     ) -> Option<T> {
-        if self.skipping() {
-            return None;
-        }
-        let Some(mut conn) = self.connection() else {
-            self.failed(op, "error");
-            return None;
-        };
-        match tokio::time::timeout(self.settings.timeout, cmd.query_async::<T>(&mut conn)).await {
-            Ok(Ok(value)) => {
-                self.succeeded(op);
-                Some(value)
-            }
-            Ok(Err(e)) => {
-                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
-                    self.drop_connection();
-                }
-                self.failed(op, "error");
-                None
-            }
-            Err(_) => {
-                self.failed(op, "timeout");
-                None
-            }
-        }
+        let mut conn = self.ready(op)?;
+        let result = tokio::time::timeout(self.settings.timeout, cmd.query_async::<T>(&mut conn));
+        self.settle(op, result.await)
     }
 
     /// Runs a Lua script under `timeout` (EVALSHA, loading it when Redis lacks it).
@@ -216,15 +195,32 @@ impl Redis {
         op: Op,
         script: &redis::ScriptInvocation<'_>,
     ) -> Option<T> {
+        let mut conn = self.ready(op)?;
+        let result =
+            tokio::time::timeout(self.settings.timeout, script.invoke_async::<T>(&mut conn));
+        self.settle(op, result.await)
+    }
+
+    /// A connection to run `op` on, unless Redis is skipped now or not connected (a connect
+    /// is then started in the background and the operation counts as failed).
+    fn ready(self: &Arc<Self>, op: Op) -> Option<MultiplexedConnection> {
         if self.skipping() {
             return None;
         }
-        let Some(mut conn) = self.connection() else {
+        let conn = self.connection();
+        if conn.is_none() {
             self.failed(op, "error");
-            return None;
-        };
-        match tokio::time::timeout(self.settings.timeout, script.invoke_async::<T>(&mut conn)).await
-        {
+        }
+        conn
+    }
+
+    /// Counts how an operation went; a broken connection is dropped for a new one.
+    fn settle<T>(
+        &self,
+        op: Op,
+        result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Option<T> {
+        match result {
             Ok(Ok(value)) => {
                 self.succeeded(op);
                 Some(value)

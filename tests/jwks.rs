@@ -313,23 +313,6 @@ async fn wait_ready(gw: &Gateway) {
     );
 }
 
-async fn metrics_text(gw: &Gateway) -> String {
-    let r = gw.admin(Method::GET, "/metrics", &[]).await;
-    assert_eq!(r.status, 200);
-    r.text()
-}
-
-/// The value of one series (e.g. `name{label="v"}`) in Prometheus text; 0 when absent.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse::<f64>().unwrap())
-        })
-        .unwrap_or(0.0)
-}
-
 const FETCH_OK: &str = "convocore_gateway_jwks_fetches_total{result=\"ok\"}";
 const FETCH_ERROR: &str = "convocore_gateway_jwks_fetches_total{result=\"error\"}";
 const LAST_SUCCESS: &str = "convocore_gateway_jwks_last_success_timestamp_seconds";

@@ -23,13 +23,36 @@ fn key_file(dir: &std::path::Path, name: &str, keys: &[u8]) -> std::path::PathBu
     path
 }
 
+/// A replica sharing `redis` (sealing with `keys`), with `config`'s settings otherwise; ready
+/// once Redis answers it.
+async fn replica(redis: &RedisServer, keys: &std::path::Path, config: TestConfig) -> Gateway {
+    let shared = format!(
+        "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
+        redis.url(),
+        keys.display()
+    );
+    let gw = Gateway::start_with(TestConfig {
+        extra: config.extra.clone() + &shared,
+        ..config
+    })
+    .await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            shared_up(&gw).await == 1.0
+        })
+        .await,
+        "shared_up"
+    );
+    gw
+}
+
 struct Fleet {
     region: MockConvocore,
     gateways: Vec<Gateway>,
     _dir: tempfile::TempDir,
 }
 
-async fn fleet(redis: &RedisServer, replicas: usize, extra_shared: &str) -> Fleet {
+async fn fleet(redis: &RedisServer, replicas: usize) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let keys = key_file(dir.path(), "cache-key", &[7]);
     let region = MockConvocore::start(
@@ -41,44 +64,18 @@ async fn fleet(redis: &RedisServer, replicas: usize, extra_shared: &str) -> Flee
     .unwrap();
     let mut gateways = Vec::new();
     for _ in 0..replicas {
-        let gw = Gateway::start_with(TestConfig {
+        let config = TestConfig {
             cache: "enabled = true\nttl = \"1h\"\n".into(),
             region_urls: Some((region.base_url(), region.base_url())),
-            extra: format!(
-                "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n{extra_shared}",
-                redis.url(),
-                keys.display()
-            ),
             ..TestConfig::default()
-        })
-        .await;
-        gateways.push(gw);
-    }
-    for gw in &gateways {
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                shared_up(gw).await == 1.0
-            })
-            .await,
-            "shared_up"
-        );
+        };
+        gateways.push(replica(redis, &keys, config).await);
     }
     Fleet {
         region,
         gateways,
         _dir: dir,
     }
-}
-
-async fn metrics_text(gw: &Gateway) -> String {
-    gw.admin(http::Method::GET, "/metrics", &[]).await.text()
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// `Cache-Control: no-cache`: fetched afresh and stored (memory and Redis).
@@ -119,7 +116,7 @@ async fn stored_in_redis(redis: &RedisServer) -> Vec<u8> {
 #[tokio::test]
 async fn a_replica_answers_from_what_another_stored_with_the_fleets_age() {
     let redis = RedisServer::start().await;
-    let fleet = fleet(&redis, 3, "").await;
+    let fleet = fleet(&redis, 3).await;
     let t = token("billing");
     let first = fleet.gateways[0].get(EXPORT_EU, &t).await;
     assert_eq!(first.status, 200);
@@ -171,7 +168,7 @@ async fn a_replica_answers_from_what_another_stored_with_the_fleets_age() {
 #[tokio::test]
 async fn values_in_redis_are_sealed_and_a_tampered_or_moved_one_is_refetched() {
     let redis = RedisServer::start().await;
-    let fleet = fleet(&redis, 2, "").await;
+    let fleet = fleet(&redis, 2).await;
     let t = token("billing");
     let first = fleet.gateways[0].get(EXPORT_EU, &t).await;
     let sealed = stored_in_redis(&redis).await;
@@ -222,30 +219,23 @@ async fn values_in_redis_are_sealed_and_a_tampered_or_moved_one_is_refetched() {
 #[tokio::test]
 async fn a_rotated_key_still_opens_older_entries() {
     let redis = RedisServer::start().await;
-    let fleet = fleet(&redis, 1, "").await;
+    let fleet = fleet(&redis, 1).await;
     let t = token("billing");
     assert_eq!(fleet.gateways[0].get(EXPORT_EU, &t).await.status, 200);
     stored_in_redis(&redis).await;
     // A replica with the new key first and the old one second.
     let dir = tempfile::tempdir().unwrap();
     let keys = key_file(dir.path(), "rotated", &[9, 7]);
-    let gw = Gateway::start_with(TestConfig {
-        cache: "enabled = true\nttl = \"1h\"\n".into(),
-        region_urls: Some((fleet.region.base_url(), fleet.region.base_url())),
-        extra: format!(
-            "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
-            redis.url(),
-            keys.display()
-        ),
-        ..TestConfig::default()
-    })
+    let gw = replica(
+        &redis,
+        &keys,
+        TestConfig {
+            cache: "enabled = true\nttl = \"1h\"\n".into(),
+            region_urls: Some((fleet.region.base_url(), fleet.region.base_url())),
+            ..TestConfig::default()
+        },
+    )
     .await;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            shared_up(&gw).await == 1.0
-        })
-        .await
-    );
     let r = gw.get(EXPORT_EU, &t).await;
     assert_eq!(r.header("x-cache"), Some("HIT"));
     assert_eq!(fleet.region.request_count(), 1);
@@ -255,7 +245,7 @@ async fn a_rotated_key_still_opens_older_entries() {
 async fn a_dead_redis_costs_requests_nothing_and_is_used_again_when_back() {
     let mut redis = RedisServer::start().await;
     let port = redis.port;
-    let fleet = fleet(&redis, 1, "").await;
+    let fleet = fleet(&redis, 1).await;
     let gw = &fleet.gateways[0];
     let t = token("billing");
     redis.kill();
@@ -425,7 +415,7 @@ async fn purge(gw: &Gateway) -> Resp {
 #[tokio::test]
 async fn a_purge_on_one_replica_reaches_redis_and_every_replica() {
     let redis = RedisServer::start().await;
-    let fleet = fleet(&redis, 3, "").await;
+    let fleet = fleet(&redis, 3).await;
     let t = token("billing");
     assert_eq!(
         fleet.gateways[0].get(EXPORT_EU, &t).await.header("x-cache"),
@@ -481,7 +471,7 @@ async fn a_purge_on_one_replica_reaches_redis_and_every_replica() {
 #[tokio::test]
 async fn a_fetch_in_flight_during_a_purge_stores_on_no_replica() {
     let redis = RedisServer::start().await;
-    let fleet = fleet(&redis, 2, "").await;
+    let fleet = fleet(&redis, 2).await;
     let t = token("billing");
     tokio::time::sleep(Duration::from_millis(300)).await; // subscribers listening
     fleet
@@ -533,7 +523,7 @@ async fn a_fetch_in_flight_during_a_purge_stores_on_no_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_spread_across_replicas_makes_one_upstream_request() {
     let redis = RedisServer::start().await;
-    let fleet = std::sync::Arc::new(fleet(&redis, 3, "").await);
+    let fleet = std::sync::Arc::new(fleet(&redis, 3).await);
     fleet
         .region
         .set_faults(convocore_gateway::testing::mock::Faults {
@@ -585,7 +575,7 @@ async fn a_burst_spread_across_replicas_makes_one_upstream_request() {
 #[tokio::test]
 async fn a_lease_whose_holder_fails_lets_the_waiters_fetch_themselves() {
     let redis = RedisServer::start().await;
-    let fleet = fleet(&redis, 2, "").await;
+    let fleet = fleet(&redis, 2).await;
     // A holder that died: its lease is there, its entry never comes.
     let mut conn = redis.client().await;
     let _: () = redis::cmd("SET")
@@ -614,23 +604,11 @@ async fn a_team_bucket_holds_for_the_fleet_and_for_each_replica_without_redis() 
     let keys = key_file(dir.path(), "k", &[5]);
     let mut gateways = Vec::new();
     for _ in 0..3 {
-        let gw = Gateway::start_with(TestConfig {
-            extra: format!(
-                "[limits]\nteam_rate = \"1/m\"\nteam_burst = 2\n\
-                 [shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
-                redis.url(),
-                keys.display()
-            ),
+        let config = TestConfig {
+            extra: "[limits]\nteam_rate = \"1/m\"\nteam_burst = 2\n".into(),
             ..TestConfig::default()
-        })
-        .await;
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                shared_up(&gw).await == 1.0
-            })
-            .await
-        );
-        gateways.push(gw);
+        };
+        gateways.push(replica(&redis, &keys, config).await);
     }
     let t = token("billing");
     // Two requests on two replicas use the team's bucket of 2; the third replica says 429.
@@ -678,7 +656,7 @@ async fn a_team_bucket_holds_for_the_fleet_and_for_each_replica_without_redis() 
 #[tokio::test]
 async fn an_upstream_429_pauses_the_region_on_every_replica() {
     let redis = RedisServer::start().await;
-    let fleet = fleet(&redis, 3, "").await;
+    let fleet = fleet(&redis, 3).await;
     tokio::time::sleep(Duration::from_millis(300)).await; // subscribers listening
     let t = token("billing");
     fleet
@@ -726,23 +704,16 @@ async fn a_regions_rate_holds_for_the_fleet() {
     .unwrap();
     let mut gateways = Vec::new();
     for _ in 0..3 {
-        let gw = Gateway::start_with(TestConfig {
-            upstream: "rate = \"5/s\"\n".into(),
-            region_urls: Some((region.base_url(), region.base_url())),
-            extra: format!(
-                "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
-                redis.url(),
-                keys.display()
-            ),
-            ..TestConfig::default()
-        })
+        let gw = replica(
+            &redis,
+            &keys,
+            TestConfig {
+                upstream: "rate = \"5/s\"\n".into(),
+                region_urls: Some((region.base_url(), region.base_url())),
+                ..TestConfig::default()
+            },
+        )
         .await;
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                shared_up(&gw).await == 1.0
-            })
-            .await
-        );
         gateways.push(std::sync::Arc::new(gw));
     }
     // Three replicas, four exports each, at once (cache off: every request goes upstream).
@@ -784,22 +755,15 @@ async fn a_region_one_replica_discovered_is_known_to_the_others() {
     na.add_agent("agent-found", &["c1"]);
     let mut gateways = Vec::new();
     for _ in 0..2 {
-        let gw = Gateway::start_with(TestConfig {
-            region_urls: Some((eu.base_url(), na.base_url())),
-            extra: format!(
-                "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
-                redis.url(),
-                keys.display()
-            ),
-            ..TestConfig::default()
-        })
+        let gw = replica(
+            &redis,
+            &keys,
+            TestConfig {
+                region_urls: Some((eu.base_url(), na.base_url())),
+                ..TestConfig::default()
+            },
+        )
         .await;
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                shared_up(&gw).await == 1.0
-            })
-            .await
-        );
         gateways.push(gw);
     }
     let path = "/v3/agents/agent-found/convos/c1/export";
@@ -876,26 +840,14 @@ async fn both_levels_mean_the_same_for_no_cache_no_store_teams_and_stale_entries
         .unwrap();
     let mut gateways = Vec::new();
     for _ in 0..3 {
-        let gw = Gateway::start_with(TestConfig {
+        let gw = replica(&redis, &keys, TestConfig {
             cache: "enabled = true\nttl = \"1s\"\nstale_if_error = \"1h\"\n".into(),
             teams:
                 "[teams]\nbilling = { agents = [\"*\"] }\nsupport = { agents = [\"agent-na\"] }\n"
                     .into(),
             region_urls: Some((region.base_url(), region.base_url())),
-            extra: format!(
-                "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
-                redis.url(),
-                keys.display()
-            ),
-            ..TestConfig::default()
-        })
-        .await;
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                shared_up(&gw).await == 1.0
-            })
-            .await
-        );
+..TestConfig::default()
+}).await;
         gateways.push(gw);
     }
     let t = token("billing");
@@ -1042,24 +994,17 @@ async fn a_waiter_gives_up_on_a_lease_after_request_timeout() {
     let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &["c1"])])
         .await
         .unwrap();
-    let gw = Gateway::start_with(TestConfig {
-        cache: "enabled = true\n".into(),
-        upstream: "request_timeout = \"600ms\"\n".into(),
-        region_urls: Some((region.base_url(), region.base_url())),
-        extra: format!(
-            "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
-            redis.url(),
-            keys.display()
-        ),
-        ..TestConfig::default()
-    })
+    let gw = replica(
+        &redis,
+        &keys,
+        TestConfig {
+            cache: "enabled = true\n".into(),
+            upstream: "request_timeout = \"600ms\"\n".into(),
+            region_urls: Some((region.base_url(), region.base_url())),
+            ..TestConfig::default()
+        },
+    )
     .await;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            shared_up(&gw).await == 1.0
-        })
-        .await
-    );
     // A lease that outlives the wait (a holder stuck far longer than request_timeout).
     let mut conn = redis.client().await;
     let _: () = redis::cmd("SET")
@@ -1090,23 +1035,16 @@ async fn a_changed_key_file_is_read_again_and_old_values_no_longer_open() {
         .unwrap();
     let mut gateways = Vec::new();
     for _ in 0..2 {
-        let gw = Gateway::start_with(TestConfig {
-            cache: "enabled = true\n".into(),
-            region_urls: Some((region.base_url(), region.base_url())),
-            extra: format!(
-                "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
-                redis.url(),
-                keys.display()
-            ),
-            ..TestConfig::default()
-        })
+        let gw = replica(
+            &redis,
+            &keys,
+            TestConfig {
+                cache: "enabled = true\n".into(),
+                region_urls: Some((region.base_url(), region.base_url())),
+                ..TestConfig::default()
+            },
+        )
         .await;
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                shared_up(&gw).await == 1.0
-            })
-            .await
-        );
         gateways.push(gw);
     }
     let t = token("billing");

@@ -15,18 +15,6 @@ use std::time::Duration;
 
 use convocore_gateway::testing::mock::Faults;
 
-async fn metrics_text(gw: &Gateway) -> String {
-    gw.admin(http::Method::GET, "/metrics", &[]).await.text()
-}
-
-/// The value of one series (`name{labels}` exactly as exposed), 0 when absent.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }

@@ -544,3 +544,22 @@ pub async fn concurrent(gw: &Arc<Gateway>, n: usize, path: &'static str, token: 
     }
     out
 }
+
+/// `GET /metrics` on the admin listener, as text.
+pub async fn metrics_text(gw: &Gateway) -> String {
+    let r = gw.admin(http::Method::GET, "/metrics", &[]).await;
+    assert_eq!(r.status, 200);
+    r.text()
+}
+
+/// The value of one series (`name{label="v"}` exactly as exposed) in Prometheus text; 0 when
+/// absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.trim().parse::<f64>().ok())?
+        })
+        .unwrap_or(0.0)
+}
