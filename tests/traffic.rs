@@ -15,6 +15,14 @@ use std::time::Duration;
 
 use convocore_gateway::testing::mock::Faults;
 
+/// Requests waiting for an EU slot now.
+async fn queue_depth(gw: &Gateway) -> f64 {
+    metric(
+        &metrics_text(gw).await,
+        "convocore_gateway_upstream_queue_depth{region=\"eu\"}",
+    )
+}
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
@@ -134,14 +142,8 @@ async fn a_backlogged_team_does_not_hold_back_another_teams_request() {
     }
     // Team A's backlog is queued behind the two slots.
     assert!(
-        eventually(Duration::from_secs(5), || {
-            let gw = gw.clone();
-            async move {
-                metric(
-                    &metrics_text(&gw).await,
-                    "convocore_gateway_upstream_queue_depth{region=\"eu\"}",
-                ) >= 30.0
-            }
+        eventually(Duration::from_secs(5), || async {
+            queue_depth(&gw).await >= 30.0
         })
         .await
     );
@@ -206,14 +208,8 @@ async fn a_full_queue_and_a_queue_timeout_answer_503_with_retry_after() {
         })
     };
     assert!(
-        eventually(Duration::from_secs(5), || {
-            let gw = gw.clone();
-            async move {
-                metric(
-                    &metrics_text(&gw).await,
-                    "convocore_gateway_upstream_queue_depth{region=\"eu\"}",
-                ) == 1.0
-            }
+        eventually(Duration::from_secs(5), || async {
+            queue_depth(&gw).await == 1.0
         })
         .await
     );

@@ -255,7 +255,6 @@ impl MockConvocore {
         self.state.version.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Stops accepting and closes every connection: later requests are refused.
     /// Connections accepted so far (TCP, before any TLS handshake).
     pub fn connections(&self) -> u64 {
         self.state.accepted.load(Ordering::SeqCst)
@@ -267,6 +266,7 @@ impl MockConvocore {
         self.state.drops.send_modify(|n| *n += 1);
     }
 
+    /// Stops accepting and closes every connection: later requests are refused.
     pub fn stop(&mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
