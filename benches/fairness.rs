@@ -10,8 +10,10 @@
 //! missed). Everything runs on 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::fixture;
+
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,12 +35,6 @@ const TEAMS: usize = 20;
 const NOISY_FACTOR: u32 = 50;
 const WARMUP: Duration = Duration::from_secs(5);
 const MEASURE: Duration = Duration::from_secs(12);
-
-fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 fn token(team: &str) -> String {
     let now = jsonwebtoken::get_current_timestamp();
@@ -102,20 +98,13 @@ base_url = "{eu}"
 [routing]
 default_region = "eu"
 discover = false
-[auth]
-issuers = ["https://idp.example.internal"]
-audiences = ["convocore-gateway"]
-[[auth.keys]]
-kid = "rsa-1"
-algorithm = "RS256"
-public_key_file = "{key}"
-[cache]
+{auth}[cache]
 enabled = false
 [log]
 level = "warn"
 "#,
         eu = mock.base_url(),
-        key = fixture("rsa_public.pem").display(),
+        auth = common::auth_toml(),
     );
     let path = dir.path().join("config.toml");
     std::fs::write(&path, text).unwrap();

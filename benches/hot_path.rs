@@ -6,6 +6,9 @@
 //! `valgrind --tool=callgrind target/release/deps/hot_path-* --bench --profile-time 5 <filter>`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::fixture;
+
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
@@ -23,12 +26,6 @@ use http_body_util::Empty;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 const TOKEN: &str = "bench-upstream-token";
-
-fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 fn rs256_token() -> String {
     let now = jsonwebtoken::get_current_timestamp();
@@ -63,17 +60,10 @@ base_url = "{eu}"
 base_url = "{eu}"
 [routing.agents]
 "agent-eu" = "eu"
-[auth]
-issuers = ["https://idp.example.internal"]
-audiences = ["convocore-gateway"]
-[[auth.keys]]
-kid = "rsa-1"
-algorithm = "RS256"
-public_key_file = "{key}"
-{extra}
+{auth}{extra}
 "#,
         eu = mock.base_url(),
-        key = fixture("rsa_public.pem").display(),
+        auth = common::auth_toml(),
     );
     let path = dir.join("config.toml");
     std::fs::write(&path, text).unwrap();

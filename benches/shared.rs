@@ -5,8 +5,9 @@
 //! `cargo bench --bench shared`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::hint::black_box;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,12 +20,6 @@ use convocore_gateway::upstream::{Fetched, Passed};
 use convocore_gateway::{Config, State};
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, StatusCode};
-
-fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 fn entry(bytes: usize) -> Fetched {
     let mut headers = HeaderMap::new();
@@ -85,19 +80,12 @@ fn benches(c: &mut Criterion) {
         r#"
 [upstream]
 token_file = "token"
-[auth]
-issuers = ["https://idp.example.internal"]
-audiences = ["convocore-gateway"]
-[[auth.keys]]
-kid = "rsa-1"
-algorithm = "RS256"
-public_key_file = "{key}"
-[shared]
+{auth}[shared]
 url = "redis://127.0.0.1:{port}/0"
 encryption_key_file = "cache-key"
 timeout = "1s"
 "#,
-        key = fixture("rsa_public.pem").display(),
+        auth = common::auth_toml(),
     );
     let path = dir.path().join("config.toml");
     std::fs::write(&path, text).unwrap();

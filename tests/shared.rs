@@ -46,13 +46,27 @@ async fn replica(redis: &RedisServer, keys: &std::path::Path, config: TestConfig
     gw
 }
 
+/// `n` replicas of one configuration sharing `redis`.
+async fn replicas(
+    redis: &RedisServer,
+    keys: &std::path::Path,
+    n: usize,
+    config: TestConfig,
+) -> Vec<Gateway> {
+    let mut gateways = Vec::with_capacity(n);
+    for _ in 0..n {
+        gateways.push(replica(redis, keys, config.clone()).await);
+    }
+    gateways
+}
+
 struct Fleet {
     region: MockConvocore,
     gateways: Vec<Gateway>,
     _dir: tempfile::TempDir,
 }
 
-async fn fleet(redis: &RedisServer, replicas: usize) -> Fleet {
+async fn fleet(redis: &RedisServer, n: usize) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let keys = key_file(dir.path(), "cache-key", &[7]);
     let region = MockConvocore::start(
@@ -62,15 +76,12 @@ async fn fleet(redis: &RedisServer, replicas: usize) -> Fleet {
     )
     .await
     .unwrap();
-    let mut gateways = Vec::new();
-    for _ in 0..replicas {
-        let config = TestConfig {
-            cache: "enabled = true\nttl = \"1h\"\n".into(),
-            region_urls: Some((region.base_url(), region.base_url())),
-            ..TestConfig::default()
-        };
-        gateways.push(replica(redis, &keys, config).await);
-    }
+    let config = TestConfig {
+        cache: "enabled = true\nttl = \"1h\"\n".into(),
+        region_urls: Some((region.base_url(), region.base_url())),
+        ..TestConfig::default()
+    };
+    let gateways = replicas(redis, &keys, n, config).await;
     Fleet {
         region,
         gateways,
@@ -602,14 +613,11 @@ async fn a_team_bucket_holds_for_the_fleet_and_for_each_replica_without_redis() 
     let mut redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let keys = key_file(dir.path(), "k", &[5]);
-    let mut gateways = Vec::new();
-    for _ in 0..3 {
-        let config = TestConfig {
-            extra: "[limits]\nteam_rate = \"1/m\"\nteam_burst = 2\n".into(),
-            ..TestConfig::default()
-        };
-        gateways.push(replica(&redis, &keys, config).await);
-    }
+    let config = TestConfig {
+        extra: "[limits]\nteam_rate = \"1/m\"\nteam_burst = 2\n".into(),
+        ..TestConfig::default()
+    };
+    let gateways = replicas(&redis, &keys, 3, config).await;
     let t = token("billing");
     // Two requests on two replicas use the team's bucket of 2; the third replica says 429.
     assert_eq!(gateways[0].get(EXPORT_EU, &t).await.status, 200);
@@ -702,20 +710,20 @@ async fn a_regions_rate_holds_for_the_fleet() {
     )
     .await
     .unwrap();
-    let mut gateways = Vec::new();
-    for _ in 0..3 {
-        let gw = replica(
-            &redis,
-            &keys,
-            TestConfig {
-                upstream: "rate = \"5/s\"\n".into(),
-                region_urls: Some((region.base_url(), region.base_url())),
-                ..TestConfig::default()
-            },
-        )
-        .await;
-        gateways.push(std::sync::Arc::new(gw));
-    }
+    let gateways: Vec<_> = replicas(
+        &redis,
+        &keys,
+        3,
+        TestConfig {
+            upstream: "rate = \"5/s\"\n".into(),
+            region_urls: Some((region.base_url(), region.base_url())),
+            ..TestConfig::default()
+        },
+    )
+    .await
+    .into_iter()
+    .map(std::sync::Arc::new)
+    .collect();
     // Three replicas, four exports each, at once (cache off: every request goes upstream).
     let started = std::time::Instant::now();
     let mut tasks = Vec::new();
@@ -753,19 +761,16 @@ async fn a_region_one_replica_discovered_is_known_to_the_others() {
     let keys = key_file(dir.path(), "k", &[5]);
     let (eu, na) = mocks().await;
     na.add_agent("agent-found", &["c1"]);
-    let mut gateways = Vec::new();
-    for _ in 0..2 {
-        let gw = replica(
-            &redis,
-            &keys,
-            TestConfig {
-                region_urls: Some((eu.base_url(), na.base_url())),
-                ..TestConfig::default()
-            },
-        )
-        .await;
-        gateways.push(gw);
-    }
+    let gateways = replicas(
+        &redis,
+        &keys,
+        2,
+        TestConfig {
+            region_urls: Some((eu.base_url(), na.base_url())),
+            ..TestConfig::default()
+        },
+    )
+    .await;
     let path = "/v3/agents/agent-found/convos/c1/export";
     let t = token("billing");
     // Replica 0 discovers: EU says 404, NA has it.
@@ -794,29 +799,13 @@ async fn rediss_with_the_upstream_ca_file() {
     let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &["c1"])])
         .await
         .unwrap();
-    let mut gateways = Vec::new();
-    for _ in 0..2 {
-        let gw = Gateway::start_with(TestConfig {
-            cache: "enabled = true\n".into(),
-            upstream: format!("ca_file = \"{}\"\n", ca_file.display()),
-            region_urls: Some((region.base_url(), region.base_url())),
-            extra: format!(
-                "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"500ms\"\n",
-                redis.url(),
-                keys.display()
-            ),
-            ..TestConfig::default()
-        })
-        .await;
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                shared_up(&gw).await == 1.0
-            })
-            .await,
-            "shared_up over TLS"
-        );
-        gateways.push(gw);
-    }
+    let config = TestConfig {
+        cache: "enabled = true\n".into(),
+        upstream: format!("ca_file = \"{}\"\n", ca_file.display()),
+        region_urls: Some((region.base_url(), region.base_url())),
+        ..TestConfig::default()
+    };
+    let gateways = replicas(&redis, &keys, 2, config).await;
     let t = token("billing");
     assert_eq!(
         gateways[0].get(EXPORT_EU, &t).await.header("x-cache"),
@@ -838,18 +827,14 @@ async fn both_levels_mean_the_same_for_no_cache_no_store_teams_and_stale_entries
     let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &["c1", "c2"])])
         .await
         .unwrap();
-    let mut gateways = Vec::new();
-    for _ in 0..3 {
-        let gw = replica(&redis, &keys, TestConfig {
-            cache: "enabled = true\nttl = \"1s\"\nstale_if_error = \"1h\"\n".into(),
-            teams:
-                "[teams]\nbilling = { agents = [\"*\"] }\nsupport = { agents = [\"agent-na\"] }\n"
-                    .into(),
-            region_urls: Some((region.base_url(), region.base_url())),
-..TestConfig::default()
-}).await;
-        gateways.push(gw);
-    }
+    let teams = "[teams]\nbilling = { agents = [\"*\"] }\nsupport = { agents = [\"agent-na\"] }\n";
+    let config = TestConfig {
+        cache: "enabled = true\nttl = \"1s\"\nstale_if_error = \"1h\"\n".into(),
+        teams: teams.into(),
+        region_urls: Some((region.base_url(), region.base_url())),
+        ..TestConfig::default()
+    };
+    let gateways = replicas(&redis, &keys, 3, config).await;
     let t = token("billing");
     let mut conn = redis.client().await;
     // no-store: fetched, stored at neither level.
@@ -1033,20 +1018,17 @@ async fn a_changed_key_file_is_read_again_and_old_values_no_longer_open() {
     let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &["c1", "c2"])])
         .await
         .unwrap();
-    let mut gateways = Vec::new();
-    for _ in 0..2 {
-        let gw = replica(
-            &redis,
-            &keys,
-            TestConfig {
-                cache: "enabled = true\n".into(),
-                region_urls: Some((region.base_url(), region.base_url())),
-                ..TestConfig::default()
-            },
-        )
-        .await;
-        gateways.push(gw);
-    }
+    let gateways = replicas(
+        &redis,
+        &keys,
+        2,
+        TestConfig {
+            cache: "enabled = true\n".into(),
+            region_urls: Some((region.base_url(), region.base_url())),
+            ..TestConfig::default()
+        },
+    )
+    .await;
     let t = token("billing");
     assert_eq!(
         gateways[0].get(EXPORT_EU, &t).await.header("x-cache"),
