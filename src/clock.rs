@@ -20,6 +20,14 @@ impl UnixMillis {
 }
 
 /// Now, on the wall clock as tokio's clock sees it.
+/// `after` from now on tokio's clock; a duration too long for the clock (a configured timeout of
+/// centuries) is a year, which no request outlives.
+pub fn deadline(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
 pub fn now() -> UnixMillis {
     // The wall time (in ns since the epoch) at one instant of the monotonic clock.
     static BASE: OnceLock<(i128, std::time::Instant)> = OnceLock::new();

@@ -218,9 +218,11 @@ impl Parts {
                 shared: shared.clone(),
                 lease: crate::shared::lease::Lease {
                     // Past the holder's own queue wait and exchange.
-                    hold: config.upstream.queue_timeout
-                        + config.upstream.request_timeout
-                        + std::time::Duration::from_secs(1),
+                    hold: config
+                        .upstream
+                        .queue_timeout
+                        .saturating_add(config.upstream.request_timeout)
+                        .saturating_add(std::time::Duration::from_secs(1)),
                     wait: config.upstream.request_timeout,
                 },
                 ..cache::Settings::from_config(&config.cache)

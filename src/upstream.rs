@@ -7,6 +7,7 @@ pub mod client;
 pub mod pool;
 pub mod region;
 pub mod routing;
+pub mod wanted;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,9 +26,10 @@ use crate::domain::Export;
 use crate::metrics::{Resolved, UpstreamFailure};
 use crate::traffic::{gate, queue, retry, Traffic};
 
-pub use self::pool::{Connector, Origins, Sent, SharedError, Waiters, Wanted};
+pub use self::pool::{Connector, Origins, SharedError};
 pub use self::region::{RegionId, Regions};
 use self::routing::{Learned, Route, Router};
+pub use self::wanted::{Sent, Waiters, Wanted};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -313,7 +315,7 @@ impl Upstream {
             Err(queue::Refused::Timeout) => return Err(failed(UpstreamError::QueueTimeout)),
         };
         ask.wanted.sent.queued(waited);
-        let deadline = Instant::now() + self.limits.request_timeout;
+        let deadline = crate::clock::deadline(self.limits.request_timeout);
         traffic.budget.attempt(Instant::now());
         let mut attempt = 0;
         loop {
@@ -323,14 +325,14 @@ impl Upstream {
             // Redis (without it, this replica keeps to its share of the rate).
             if let (Some(rate), Some(redis)) = (traffic.queue.settings().rate, ask.shared) {
                 match redis.reserve_start(&region.name, rate).await {
-                    Some(wait) if Instant::now() + wait >= deadline => {
+                    Some(wait) if crate::clock::deadline(wait) >= deadline => {
                         return Err(failed(UpstreamError::QueueTimeout));
                     }
                     Some(wait) => tokio::time::sleep(wait).await,
                     None => {
                         traffic
                             .queue
-                            .pace_at(rate.interval() * redis.replicas())
+                            .pace_at(rate.interval().saturating_mul(redis.replicas()))
                             .await
                     }
                 }

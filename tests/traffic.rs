@@ -536,3 +536,15 @@ async fn no_retry_starts_past_request_timeout() {
     assert!(r.status == 503 || r.status == 504, "{}", r.status);
     assert_eq!(gw.eu.request_count(), 1);
 }
+
+/// A timeout far past anything the clock can add (centuries) neither fails the config nor
+/// panics a request: the fuzz tests found the deadline arithmetic overflowing.
+#[tokio::test]
+async fn a_timeout_of_centuries_is_a_long_timeout_not_a_panic() {
+    let gw = Gateway::start_with(TestConfig {
+        upstream: "request_timeout = \"500000years\"\nqueue_timeout = \"1h\"\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    assert_eq!(gw.get(EXPORT_EU, &token("billing")).await.status, 200);
+}

@@ -21,7 +21,8 @@ use tokio::time::Instant;
 
 use super::keys::{parse_jwks, Key};
 use crate::metrics::JwksMetrics;
-use crate::upstream::pool::{Origin, Wanted};
+use crate::upstream::pool::Origin;
+use crate::upstream::Wanted;
 use crate::watch::Watched;
 
 /// An unknown `kid` triggers at most one early refetch per URL in this long.

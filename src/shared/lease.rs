@@ -102,7 +102,7 @@ impl Redis {
             Some(None) => {}
         }
         // Another replica is fetching: wait for its entry.
-        let deadline = Instant::now() + lease.wait;
+        let deadline = crate::clock::deadline(lease.wait);
         let mut pause = Duration::from_millis(10);
         while Instant::now() + pause < deadline {
             tokio::time::sleep(pause).await;

@@ -72,7 +72,8 @@ return redis.call('ZCARD', KEYS[1])
 impl Limit {
     /// This replica's share of the limit when `replicas` share it without Redis.
     pub fn share(self, replicas: u32) -> Limit {
-        let n = replicas.max(1);
+        // A fleet of more than a thousand replicas would make each share a crawl anyway.
+        let n = replicas.clamp(1, 1000);
         Limit {
             rate: Rate {
                 count: self.rate.count,

@@ -265,6 +265,7 @@ impl Queue {
     /// Waits for the next start and takes it, spaced `interval` from the one after (a
     /// replica's share of a fleet rate while the fleet's count is out of reach).
     pub async fn pace_at(&self, interval: Duration) {
+        let interval = interval.min(Duration::from_secs(3600));
         let at = {
             let mut inner = self.shared.lock();
             let now = Instant::now();
