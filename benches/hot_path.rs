@@ -124,7 +124,7 @@ fn benches(c: &mut Criterion) {
         convo: "c1".into(),
         format: Format::Json,
     };
-    let no_fetch = |_| async { unreachable!("a hit never fetches") };
+    let no_fetch = |_, _| async { unreachable!("a hit never fetches") };
     rt.block_on(async {
         // Prime the cache through one real request.
         let req = request(&uri, &headers);

@@ -125,7 +125,7 @@ timeout = "1s"
     // The first level: the memory store's hit (the entry is filled by a second-level hit).
     let small = key("small");
     rt.block_on(async {
-        let no_fetch = |_| async { unreachable!("a hit never fetches") };
+        let no_fetch = |_, _| async { unreachable!("a hit never fetches") };
         let answer = state
             .cache
             .get(
@@ -140,7 +140,7 @@ timeout = "1s"
     });
     c.bench_function("l1_hit_2k", |b| {
         b.to_async(&rt).iter(|| async {
-            let no_fetch = |_| async { unreachable!("a hit never fetches") };
+            let no_fetch = |_, _| async { unreachable!("a hit never fetches") };
             state
                 .cache
                 .get(

@@ -29,7 +29,7 @@ use crate::clock;
 use crate::config;
 pub use crate::domain::CacheStatus;
 use crate::domain::Export;
-use crate::upstream::{Failed, Fault, Fetched, Sent, Wanted};
+use crate::upstream::{Failed, Fault, Fetched, Sent, Validators, Wanted};
 
 /// What the caller's `Cache-Control` asks of the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +93,9 @@ pub enum Detail {
         stored: bool,
         collapsed: bool,
     },
+    /// The upstream answered the conditional request of a refresh with `304`: the expired
+    /// entry was renewed (`collapsed`: by another request's fetch).
+    Revalidated { collapsed: bool },
     /// The upstream failed (with `fwd_status`, or without any response) and an expired entry,
     /// `past` seconds beyond ttl, was served instead.
     StaleIfError { fwd_status: Option<u16>, past: u64 },
@@ -103,7 +106,7 @@ pub struct Answer {
     pub response: Arc<Fetched>,
     pub status: CacheStatus,
     pub detail: Detail,
-    /// `Age` in seconds, on HIT and STALE.
+    /// `Age` in seconds, on HIT, STALE and REVALIDATED.
     pub age: Option<u64>,
     /// Whether this request itself went upstream (false for hits and for coalesced waiters).
     pub went_upstream: bool,
@@ -198,7 +201,7 @@ impl Cache {
         sent: &OnceLock<Sent>,
     ) -> Result<Answer, Failed>
     where
-        F: FnOnce(Wanted) -> Fut,
+        F: FnOnce(Wanted, Option<Validators>) -> Fut,
         Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
     {
         let mut entry = None;
@@ -230,20 +233,20 @@ impl Cache {
         sent: &OnceLock<Sent>,
     ) -> Result<Answer, Failed>
     where
-        F: FnOnce(Wanted) -> Fut,
+        F: FnOnce(Wanted, Option<Validators>) -> Fut,
         Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
     {
         if !settings.enabled || self.store.load().is_none() {
             // The caller's own future: it ends with the caller.
             let wanted = Wanted::always();
             let _ = sent.set(wanted.sent.clone());
-            let fetched = fetch(wanted).await?;
+            let fetched = fetch(wanted, None).await?;
             return Ok(forwarded(Arc::new(fetched), Detail::Disabled, true));
         }
         if mode == Mode::Bypass {
             let wanted = Wanted::always();
             let _ = sent.set(wanted.sent.clone());
-            let fetched = fetch(wanted).await?;
+            let fetched = fetch(wanted, None).await?;
             return Ok(Answer {
                 response: Arc::new(fetched),
                 status: CacheStatus::Bypass,
@@ -279,10 +282,14 @@ impl Cache {
         }
 
         let mut stale = None;
+        // The entry a refresh revalidates (when it has validators): an upstream 304 renews it.
+        let mut revalidate = None;
         match entry {
             Some((entry, Freshness::Revalidate { age, past })) => {
-                // Serve at once; one background refresh per key replaces the entry.
-                let _ = self.join_or_start(settings, key, fetch, true, true).await;
+                // Serve at once; one background refresh per key replaces (or renews) the entry.
+                let _ = self
+                    .join_or_start(settings, key, fetch, true, true, Some(entry.clone()))
+                    .await;
                 return Ok(Answer {
                     response: entry,
                     status: CacheStatus::Stale,
@@ -294,13 +301,21 @@ impl Cache {
                     coalesced: false,
                 });
             }
-            Some((entry, Freshness::IfError { age, past })) => stale = Some((entry, age, past)),
+            Some((entry, Freshness::IfError { age, past })) => {
+                revalidate = Some(entry.clone());
+                stale = Some((entry, age, past));
+            }
+            // Too old to serve even if the upstream fails, but still worth a conditional request
+            // while it is kept (moka drops it then, on a clock of its own).
+            Some((entry, _)) if entry.received.age(clock::now()) < settings.windows.keep() => {
+                revalidate = Some(entry)
+            }
             _ => {}
         }
 
         let recheck = mode == Mode::Normal;
         let (mut rx, leader, _waiting) = match self
-            .join_or_start(settings, key, fetch, recheck, false)
+            .join_or_start(settings, key, fetch, recheck, false, revalidate)
             .await
         {
             Joined::Flight(rx, leader, waiting, flight_sent) => {
@@ -333,7 +348,20 @@ impl Cache {
                     ..hit(fetched, age, ttl_left)
                 })
             }
-            Ok((fetched, stored)) if !is_failure(fetched.status) => {
+            // The upstream said 304: the stale entry, renewed, counts as fresh from now.
+            Ok((renewed, kept)) if kept.revalidated => {
+                let age = renewed.received.age(clock::now());
+                Ok(Answer {
+                    response: renewed,
+                    status: CacheStatus::Revalidated,
+                    detail: Detail::Revalidated { collapsed: !leader },
+                    age: Some(age.as_secs()),
+                    went_upstream: leader,
+                    coalesced: !leader,
+                })
+            }
+            Ok((fetched, kept)) if !is_failure(fetched.status) => {
+                let stored = kept.stored;
                 let fwd_status = (leader && !stored).then(|| fetched.status.as_u16());
                 let detail = Detail::Forward {
                     fwd,
@@ -382,9 +410,10 @@ impl Cache {
         fetch: F,
         recheck: bool,
         background: bool,
+        stale: Option<Arc<Fetched>>,
     ) -> Joined
     where
-        F: FnOnce(Wanted) -> Fut,
+        F: FnOnce(Wanted, Option<Validators>) -> Fut,
         Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
     {
         self.flights
@@ -393,6 +422,7 @@ impl Cache {
                 fetch,
                 recheck.then_some(&settings.windows),
                 background,
+                stale,
                 Levels {
                     store: &self.store,
                     purges: &self.purges,

@@ -53,6 +53,8 @@ pub enum CacheStatus {
     Miss,
     Stale,
     Bypass,
+    /// An expired entry the upstream confirmed unchanged (`304`), renewed and served.
+    Revalidated,
 }
 
 impl CacheStatus {
@@ -62,6 +64,7 @@ impl CacheStatus {
             CacheStatus::Miss => "MISS",
             CacheStatus::Stale => "STALE",
             CacheStatus::Bypass => "BYPASS",
+            CacheStatus::Revalidated => "REVALIDATED",
         })
     }
 
@@ -71,6 +74,7 @@ impl CacheStatus {
             CacheStatus::Miss => "miss",
             CacheStatus::Stale => "stale",
             CacheStatus::Bypass => "bypass",
+            CacheStatus::Revalidated => "revalidated",
         }
     }
 }

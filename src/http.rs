@@ -92,7 +92,7 @@ async fn export<B>(
 
     let mode = Mode::from_headers(req.headers());
     // Called only when the cache must go upstream (it may run in a flight task of its own).
-    let fetch = |wanted| {
+    let fetch = |wanted, validators: Option<crate::upstream::Validators>| {
         let policy = policy.clone();
         let export: Export = export.clone();
         let request_id = access.request_id.clone();
@@ -106,6 +106,7 @@ async fn export<B>(
                 team: &payer.team,
                 weight,
                 shared: policy.shared.as_ref(),
+                validators: validators.as_ref(),
             };
             policy.upstream.fetch(&ask).await
         }

@@ -81,14 +81,15 @@ fn cache_slot(cache: Option<CacheStatus>) -> usize {
         Some(CacheStatus::Miss) => 1,
         Some(CacheStatus::Stale) => 2,
         Some(CacheStatus::Bypass) => 3,
-        None => 4,
+        Some(CacheStatus::Revalidated) => 4,
+        None => 5,
     }
 }
 
-const CACHE_SLOTS: usize = 5;
+const CACHE_SLOTS: usize = 6;
 
 fn cache_label(slot: usize) -> &'static str {
-    ["hit", "miss", "stale", "bypass", "none"][slot.min(CACHE_SLOTS - 1)]
+    ["hit", "miss", "stale", "bypass", "revalidated", "none"][slot.min(CACHE_SLOTS - 1)]
 }
 
 /// The `status` label of an upstream exchange that got no HTTP status.

@@ -74,6 +74,21 @@ impl Passed {
             .filter_map(|(name, value)| Some((name, value.as_ref()?)))
     }
 
+    /// These headers with `ETag` and `Last-Modified` replaced by `newer`'s where it has them
+    /// (a `304`'s validators update the stored response's, RFC 9111 §4.3.4).
+    pub fn updated_by(&self, newer: &Passed) -> Passed {
+        let mut next = self.clone();
+        for name in [&ETAG, &LAST_MODIFIED] {
+            if let (Some(i), Some(value)) = (
+                PASSED_HEADERS.iter().position(|n| n == name),
+                newer.get(name),
+            ) {
+                next.0[i] = Some(value.clone());
+            }
+        }
+        next
+    }
+
     /// Bytes of the values (the names are static).
     pub fn value_bytes(&self) -> usize {
         self.0.iter().flatten().map(HeaderValue::len).sum()
@@ -179,6 +194,47 @@ pub struct Fetched {
     pub from_shared: bool,
 }
 
+impl Fetched {
+    /// This stored entry made fresh again by an upstream `304 Not Modified`: the same status,
+    /// body and headers, with the `304`'s validators where it sent them, its store time, region
+    /// and timing. Storable only if both said so.
+    pub fn renewed(&self, not_modified: &Fetched) -> Fetched {
+        Fetched {
+            status: self.status,
+            headers: self.headers.updated_by(&not_modified.headers),
+            body: self.body.clone(),
+            storable: self.storable && not_modified.storable,
+            elapsed: not_modified.elapsed,
+            received: not_modified.received,
+            region: not_modified.region.clone(),
+            retry_after: None,
+            from_shared: false,
+        }
+    }
+}
+
+/// What a conditional upstream request sends to revalidate a stored entry: its `ETag` (as
+/// `If-None-Match`) and `Last-Modified` (as `If-Modified-Since`).
+#[derive(Debug, Clone)]
+pub struct Validators {
+    pub etag: Option<HeaderValue>,
+    pub last_modified: Option<HeaderValue>,
+}
+
+impl Validators {
+    /// The validators of a stored `200`, if it has any.
+    pub fn of(entry: &Fetched) -> Option<Validators> {
+        let etag = entry.headers.get(&ETAG).cloned();
+        let last_modified = entry.headers.get(&LAST_MODIFIED).cloned();
+        (entry.status == StatusCode::OK && (etag.is_some() || last_modified.is_some())).then_some(
+            Validators {
+                etag,
+                last_modified,
+            },
+        )
+    }
+}
+
 /// Whether a failed exchange is tried again: Convocore cannot have acted on it (no
 /// connection, or closed before a response) or said it may be (`502`/`503`/`504` without
 /// `Retry-After`). Never a `429`, never a `503` with `Retry-After`.
@@ -219,6 +275,8 @@ pub struct Ask<'a> {
     pub weight: u32,
     /// The shared Redis, with `[shared]`: a `429`'s pause is published to every replica.
     pub shared: Option<&'a Arc<crate::shared::Redis>>,
+    /// Revalidating a stored entry: its validators, sent as the request's conditions.
+    pub validators: Option<&'a Validators>,
 }
 
 /// One configuration's upstream side: its regions and routing, and the exchange limits.

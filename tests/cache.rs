@@ -565,11 +565,14 @@ async fn stale_on_status(status: u16) {
     if status == 429 {
         tokio::time::sleep(ms(1100)).await;
     }
+    // Recovered, and the export unchanged: the conditional refresh renews the entry.
     let r = gw.get(EXPORT_EU, &t).await;
     assert_eq!(r.status, 200);
-    assert_eq!(x_cache(&r), "MISS");
+    assert_eq!(x_cache(&r), "REVALIDATED");
+    assert_eq!(r.body, cached.body);
     assert_eq!(x_cache(&gw.get(EXPORT_EU, &t).await), "HIT");
     assert_eq!(gw.upstream_count(), 4);
+    assert_eq!(gw.eu.not_modified(), 1);
 }
 
 #[tokio::test]

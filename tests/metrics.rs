@@ -216,6 +216,9 @@ async fn every_outcome_is_counted_exactly() {
     let r = gw.get(EXPORT_EU, &billing).await;
     assert_eq!(r.header("x-cache"), Some("STALE"));
     gw.eu.set_faults(Faults::default());
+    // Healthy again and c1 unchanged: its conditional refresh gets a 304, the entry is renewed.
+    let r = gw.get(EXPORT_EU, &billing).await;
+    assert_eq!(r.header("x-cache"), Some("REVALIDATED"));
 
     // Upstream timeout on a cold key: 504.
     gw.eu.set_faults(Faults {
@@ -240,6 +243,7 @@ async fn every_outcome_is_counted_exactly() {
         ("eu", "200", "hit", 1.0),
         ("eu", "200", "bypass", 1.0),
         ("eu", "200", "stale", 1.0),
+        ("eu", "200", "revalidated", 1.0),
         ("na", "200", "miss", 1.0),
         ("eu", "500", "miss", 1.0),
         ("eu", "504", "miss", 1.0),
@@ -253,7 +257,7 @@ async fn every_outcome_is_counted_exactly() {
             "{req}{{{region},{status},{cache}}}"
         );
     }
-    assert_eq!(m.sum(req), 19.0);
+    assert_eq!(m.sum(req), 20.0);
     assert_eq!(
         m.value(
             "convocore_gateway_request_duration_seconds_count",
@@ -270,17 +274,17 @@ async fn every_outcome_is_counted_exactly() {
     );
     assert_eq!(
         m.sum("convocore_gateway_request_duration_seconds_count"),
-        19.0
+        20.0
     );
 
     // Authenticated requests per team: billing's c1 miss, hit, bypass, 5 × c2, c3, stale,
-    // timeout; support's 403 and NA miss; the unlisted team's 403 counts as other.
+    // revalidated, timeout; support's 403 and NA miss; the unlisted team's 403 counts as other.
     assert_eq!(
         m.value(
             "convocore_gateway_team_requests_total",
             &[("team", "billing")]
         ),
-        11.0
+        12.0
     );
     assert_eq!(
         m.value(
@@ -298,9 +302,10 @@ async fn every_outcome_is_counted_exactly() {
     );
 
     let up = "convocore_gateway_upstream_requests_total";
-    // c1 miss, bypass, c2 once, c3 500, stale refetch 500, timeout.
+    // c1 miss, bypass, c2 once, c3 500, stale refetch 500, c1 revalidated (304), timeout.
     assert_eq!(m.value(up, &[("region", "eu"), ("status", "200")]), 3.0);
     assert_eq!(m.value(up, &[("region", "eu"), ("status", "500")]), 2.0);
+    assert_eq!(m.value(up, &[("region", "eu"), ("status", "304")]), 1.0);
     assert_eq!(m.value(up, &[("region", "eu"), ("status", "timeout")]), 1.0);
     assert_eq!(m.value(up, &[("region", "na"), ("status", "200")]), 1.0);
     assert_eq!(m.sum(up), gw.upstream_count() as f64);
@@ -309,7 +314,7 @@ async fn every_outcome_is_counted_exactly() {
             "convocore_gateway_upstream_duration_seconds_count",
             &[("region", "eu")]
         ),
-        6.0
+        7.0
     );
 
     let af = "convocore_gateway_auth_failures_total";
@@ -343,11 +348,11 @@ async fn every_outcome_is_counted_exactly() {
     subset(&m.label_values(req, "region"), &["eu", "na", "none"]);
     subset(
         &m.label_values(req, "cache"),
-        &["hit", "miss", "stale", "bypass", "none"],
+        &["hit", "miss", "stale", "bypass", "revalidated", "none"],
     );
     subset(
         &m.label_values("convocore_gateway_request_duration_seconds_count", "cache"),
-        &["hit", "miss", "stale", "bypass", "none"],
+        &["hit", "miss", "stale", "bypass", "revalidated", "none"],
     );
     subset(
         &m.label_values("convocore_gateway_team_requests_total", "team"),

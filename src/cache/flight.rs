@@ -16,10 +16,19 @@ use super::purge::Epochs;
 use super::store::Memory;
 use crate::clock;
 use crate::domain::Export;
-use crate::upstream::{Failed, Fetched, Sent, Waiters, Wanted};
+use crate::upstream::{Failed, Fetched, Sent, Validators, Waiters, Wanted};
 
-/// A flight's outcome: the response and whether it was stored.
-pub type FlightResult = Result<(Arc<Fetched>, bool), Failed>;
+/// A flight's outcome: the response and what became of it.
+pub type FlightResult = Result<(Arc<Fetched>, Kept), Failed>;
+
+/// What a flight did with its response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kept {
+    pub stored: bool,
+    /// The upstream answered `304` to the flight's conditional request: the response is the
+    /// stale entry, renewed.
+    pub revalidated: bool,
+}
 
 pub enum Joined {
     /// Wait on this flight; `true` when this caller started it. The caller counts as waiting
@@ -57,17 +66,20 @@ pub struct Flights(Arc<Mutex<HashMap<Export, Flight>>>);
 impl Flights {
     /// Joins the fetch in flight for `key`, or starts one (then this caller leads). With
     /// `recheck`, a fresh entry stored since the caller looked is returned instead. A
-    /// `background` fetch (a stale-while-revalidate refresh) is wanted whoever waits.
+    /// `background` fetch (a stale-while-revalidate refresh) is wanted whoever waits. A
+    /// `stale` entry with validators is revalidated: the request is conditional, and an
+    /// upstream `304` renews that entry instead of replacing it.
     pub async fn join_or_start<F, Fut>(
         &self,
         key: &Export,
         fetch: F,
         recheck: Option<&Windows>,
         background: bool,
+        stale: Option<Arc<Fetched>>,
         levels: Levels<'_>,
     ) -> Joined
     where
-        F: FnOnce(Wanted) -> Fut,
+        F: FnOnce(Wanted, Option<Validators>) -> Fut,
         Fut: Future<Output = Result<Fetched, Failed>> + Send + 'static,
     {
         let Levels {
@@ -107,7 +119,9 @@ impl Flights {
         flights.insert(key.clone(), (rx.clone(), waiters, sent.clone()));
         drop(flights);
 
-        let future = fetch(wanted);
+        let validators = stale.as_deref().and_then(Validators::of);
+        let stale = stale.filter(|_| validators.is_some());
+        let future = fetch(wanted, validators);
         let store = store.clone();
         let flights = self.0.clone();
         let purges = purges.clone();
@@ -122,17 +136,27 @@ impl Flights {
                     None => None,
                 }
             };
-            // One fetch for the fleet: the lease holder fetches, the others wait for its entry.
+            // One fetch for the fleet: the lease holder fetches, the others wait for its entry
+            // (one newer than the stale entry this replica holds).
             let fetched = async {
                 match &shared {
-                    Some((redis, _, lease)) => redis.one_fetch(&key, *lease, future).await,
+                    Some((redis, _, lease)) => {
+                        let newer_than = stale.as_ref().map(|e| e.received);
+                        redis.one_fetch(&key, *lease, newer_than, future).await
+                    }
                     None => (future.await, None),
                 }
             };
             let (shared_epoch, (result, lease)) = tokio::join!(shared_epoch, fetched);
             let result = match result {
                 Ok(fetched) => {
-                    let fetched = Arc::new(fetched);
+                    // An upstream 304 to the conditional request: the stale entry, renewed.
+                    let (fetched, revalidated) = match &stale {
+                        Some(stale) if fetched.status == StatusCode::NOT_MODIFIED => {
+                            (Arc::new(stale.renewed(&fetched)), true)
+                        }
+                        _ => (Arc::new(fetched), false),
+                    };
                     let stored = keep(&store, &key, &fetched, &purges, epoch).await;
                     // What this replica stored, the others find in the second level (not
                     // when the epoch could not be read: then nothing is known of purges).
@@ -148,7 +172,13 @@ impl Flights {
                             }
                         }
                     }
-                    Ok((fetched, stored))
+                    Ok((
+                        fetched,
+                        Kept {
+                            stored,
+                            revalidated,
+                        },
+                    ))
                 }
                 Err(failed) => {
                     if let Some(lease) = lease {

@@ -15,10 +15,15 @@ pub struct Windows {
 }
 
 impl Windows {
-    /// How long an entry is worth keeping at all: `ttl` plus the longer stale window.
+    /// How long an entry is worth keeping at all: `ttl` plus the longer stale window, and at
+    /// least `ttl` again, so an entry too old to serve can still be revalidated by a
+    /// conditional request (a `304` saves its body's transfer) instead of being fetched whole.
     pub fn keep(&self) -> Duration {
-        self.ttl
-            .saturating_add(self.stale_if_error.max(self.stale_while_revalidate))
+        self.ttl.saturating_add(
+            self.stale_if_error
+                .max(self.stale_while_revalidate)
+                .max(self.ttl),
+        )
     }
 }
 
@@ -109,8 +114,10 @@ mod tests {
         ));
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(assess(stored, clock::now(), &w), Freshness::Expired);
-        assert_eq!(w.keep(), Duration::from_secs(10));
+        // Kept another ttl for revalidation, or for the longer stale window.
+        assert_eq!(w.keep(), Duration::from_secs(20));
         assert_eq!(windows(10, 5, 20).keep(), Duration::from_secs(30));
+        assert_eq!(windows(10, 0, 3).keep(), Duration::from_secs(20));
     }
 
     #[test]

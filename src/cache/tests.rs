@@ -94,7 +94,7 @@ async fn get(cache: &Cache, s: &Settings, k: &Export, body: &'static str) -> Ans
             s,
             k,
             Mode::Normal,
-            |_| async move { Ok(fetched(body)) },
+            |_, _| async move { Ok(fetched(body)) },
             &OnceLock::new(),
         )
         .await
@@ -112,7 +112,7 @@ async fn a_fetch_that_dies_does_not_answer_for_its_key_forever() {
             &s,
             &key,
             Mode::Normal,
-            |_| async {
+            |_, _| async {
                 if key_is_cursed() {
                     panic!("the fetch task dies");
                 }
@@ -156,7 +156,7 @@ async fn stale_if_error_covers_a_failure_within_its_window_only() {
     );
 
     tokio::time::advance(Duration::from_secs(31)).await;
-    let failing = |_| async { Err(unreachable()) };
+    let failing = |_, _| async { Err(unreachable()) };
     let stale = cache
         .get(&s, &k, Mode::Normal, failing, &OnceLock::new())
         .await
@@ -173,7 +173,7 @@ async fn stale_if_error_covers_a_failure_within_its_window_only() {
         }
     );
     // An upstream 5xx is covered the same way, and says its status.
-    let five = |_| async { Ok(fetched_in("eu", StatusCode::BAD_GATEWAY, "down")) };
+    let five = |_, _| async { Ok(fetched_in("eu", StatusCode::BAD_GATEWAY, "down")) };
     let stale = cache
         .get(&s, &k, Mode::Normal, five, &OnceLock::new())
         .await
@@ -188,7 +188,7 @@ async fn stale_if_error_covers_a_failure_within_its_window_only() {
     );
 
     tokio::time::advance(Duration::from_secs(90)).await;
-    let failing = |_| async { Err(unreachable()) };
+    let failing = |_, _| async { Err(unreachable()) };
     assert!(cache
         .get(&s, &k, Mode::Normal, failing, &OnceLock::new())
         .await
@@ -233,7 +233,7 @@ async fn configure_keeps_resizes_and_drops() {
                 &s,
                 &k,
                 Mode::Normal,
-                move |_| async move { Ok(fetched(body)) },
+                move |_, _| async move { Ok(fetched(body)) },
                 &OnceLock::new(),
             )
             .await
@@ -288,7 +288,7 @@ async fn a_purge_wins_over_a_fetch_of_its_own_conversation_only() {
     let gated = |key: Export, gate: tokio::sync::oneshot::Receiver<()>| {
         let (cache, s) = (cache.clone(), s.clone());
         tokio::spawn(async move {
-            let fetch = move |_| async move {
+            let fetch = move |_, _| async move {
                 let _ = gate.await;
                 Ok(fetched("fetched"))
             };
@@ -337,4 +337,127 @@ async fn a_purge_wins_over_a_fetch_of_its_own_conversation_only() {
         get(&cache, &s, &key("b"), "again").await.status,
         CacheStatus::Miss
     );
+}
+
+/// A `200` with the given `ETag`.
+fn tagged(body: &'static str, etag: &'static str) -> Fetched {
+    let mut headers = HeaderMap::new();
+    headers.insert(http::header::ETAG, HeaderValue::from_static(etag));
+    Fetched {
+        headers: crate::upstream::Passed::copy_from(&headers),
+        ..fetched(body)
+    }
+}
+
+/// Gets `k` with a fetch that records the validators it was given and answers `answer`.
+async fn get_recording(
+    cache: &Cache,
+    s: &Settings,
+    k: &Export,
+    answer: Fetched,
+) -> (Answer, Option<Validators>) {
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let record = seen.clone();
+    let got = cache
+        .get(
+            s,
+            k,
+            Mode::Normal,
+            move |_, validators| async move {
+                *record.lock().unwrap() = validators;
+                Ok(answer)
+            },
+            &OnceLock::new(),
+        )
+        .await
+        .ok()
+        .unwrap();
+    let validators = seen.lock().unwrap().take();
+    (got, validators)
+}
+
+fn not_modified() -> Fetched {
+    fetched_in("eu", StatusCode::NOT_MODIFIED, "")
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_entry_with_validators_is_revalidated_and_renewed_by_a_304() {
+    let s = settings(10, 60, 0);
+    let cache = Cache::new(&s);
+    let k = key("c");
+    let (first, validators) = get_recording(&cache, &s, &k, tagged("body", "\"v1\"")).await;
+    assert_eq!(first.status, CacheStatus::Miss);
+    assert!(validators.is_none(), "a miss is not conditional");
+    tokio::time::advance(Duration::from_secs(11)).await;
+
+    let (renewed, validators) = get_recording(&cache, &s, &k, not_modified()).await;
+    assert_eq!(validators.unwrap().etag.unwrap(), "\"v1\"");
+    assert_eq!(renewed.status, CacheStatus::Revalidated);
+    assert_eq!(renewed.detail, Detail::Revalidated { collapsed: false });
+    assert_eq!(renewed.age, Some(0));
+    assert!(renewed.went_upstream);
+    assert_eq!(renewed.response.status, StatusCode::OK);
+    assert_eq!(renewed.response.body, "body");
+    assert_eq!(
+        renewed.response.headers.get(&http::header::ETAG).unwrap(),
+        "\"v1\""
+    );
+
+    // Fresh for a whole ttl from the renewal.
+    tokio::time::advance(Duration::from_secs(9)).await;
+    let hit = get(&cache, &s, &k, "unused").await;
+    assert_eq!(hit.status, CacheStatus::Hit);
+    assert_eq!(hit.response.body, "body");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_entry_without_validators_is_fetched_unconditionally() {
+    let s = settings(10, 60, 0);
+    let cache = Cache::new(&s);
+    let k = key("c");
+    let _ = get(&cache, &s, &k, "body").await;
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let (again, validators) = get_recording(&cache, &s, &k, fetched("new")).await;
+    assert!(validators.is_none());
+    assert_eq!(again.status, CacheStatus::Miss);
+    assert_eq!(again.response.body, "new");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unasked_for_304_passes_through_and_is_not_stored() {
+    let s = settings(10, 60, 0);
+    let cache = Cache::new(&s);
+    let k = key("c");
+    let (answer, _) = get_recording(&cache, &s, &k, not_modified()).await;
+    assert_eq!(answer.status, CacheStatus::Miss);
+    assert_eq!(answer.response.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(cache.usage().await.0, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_cache_fetches_unconditionally_even_with_an_entry() {
+    let s = settings(10, 60, 0);
+    let cache = Cache::new(&s);
+    let k = key("c");
+    let _ = get_recording(&cache, &s, &k, tagged("body", "\"v1\"")).await;
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let seen = Arc::new(std::sync::Mutex::new(Some(None)));
+    let record = seen.clone();
+    let answer = cache
+        .get(
+            &s,
+            &k,
+            Mode::Refresh,
+            move |_, v| async move {
+                *record.lock().unwrap() = Some(v);
+                Ok(tagged("fresh", "\"v2\""))
+            },
+            &OnceLock::new(),
+        )
+        .await
+        .ok()
+        .unwrap();
+    assert!(seen.lock().unwrap().take().unwrap().is_none());
+    assert_eq!(answer.status, CacheStatus::Miss);
+    assert_eq!(answer.response.body, "fresh");
 }

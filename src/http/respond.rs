@@ -70,6 +70,14 @@ pub fn cache_status(detail: &Detail) -> HeaderValue {
             }
             s
         }
+        Detail::Revalidated { collapsed: false } => {
+            return HeaderValue::from_static("convocore-gateway; fwd=stale; fwd-status=304")
+        }
+        Detail::Revalidated { collapsed: true } => {
+            return HeaderValue::from_static(
+                "convocore-gateway; fwd=stale; fwd-status=304; collapsed",
+            )
+        }
         Detail::StaleIfError { fwd_status, past } => {
             let fwd_status = fwd_status
                 .map(|s| format!("; fwd-status={s}"))
@@ -150,6 +158,14 @@ mod tests {
             (
                 forward(Fwd::Stale, Some(500), false, true),
                 "convocore-gateway; fwd=stale; fwd-status=500; collapsed",
+            ),
+            (
+                Detail::Revalidated { collapsed: false },
+                "convocore-gateway; fwd=stale; fwd-status=304",
+            ),
+            (
+                Detail::Revalidated { collapsed: true },
+                "convocore-gateway; fwd=stale; fwd-status=304; collapsed",
             ),
             (
                 Detail::StaleWhileRevalidate { past: 3 },

@@ -62,11 +62,14 @@ impl Redis {
     }
 
     /// Runs `fetch` if this replica gets the lease (or Redis cannot say), else waits for the
-    /// holder's entry. Returns the result, and the lease when this replica holds it.
+    /// holder's entry (stored after `newer_than`, when this replica refreshes an entry of that
+    /// time: the stale entry itself is still in Redis). Returns the result, and the lease when
+    /// this replica holds it.
     pub async fn one_fetch<Fut>(
         self: &Arc<Self>,
         key: &Export,
         lease: Lease,
+        newer_than: Option<crate::clock::UnixMillis>,
         fetch: Fut,
     ) -> (Result<Fetched, Failed>, Option<Held>)
     where
@@ -107,14 +110,15 @@ impl Redis {
         while Instant::now() + pause < deadline {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(100));
-            if let Some(mut entry) = self.get_entry(key).await {
+            let fresh = |e: &Fetched| newer_than.is_none_or(|t| e.received > t);
+            if let Some(mut entry) = self.get_entry(key).await.filter(fresh) {
                 entry.from_shared = true;
                 return (Ok(entry), None);
             }
             let lease_left: Option<i64> = self.run(Op::Lock, redis::cmd("EXISTS").arg(&lkey)).await;
             if lease_left != Some(1) {
                 // Gone without an entry (or Redis failing): one last look, then fetch.
-                if let Some(mut entry) = self.get_entry(key).await {
+                if let Some(mut entry) = self.get_entry(key).await.filter(fresh) {
                     entry.from_shared = true;
                     return (Ok(entry), None);
                 }

@@ -23,6 +23,9 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use super::samples;
+pub use super::samples::{sample_csv, sample_json};
+
 /// The most requests a mock remembers; older ones are dropped.
 const MAX_RECORDED: usize = 10_000;
 
@@ -45,7 +48,7 @@ pub struct Faults {
     pub delay: Duration,
     /// Answer 200 with a body of this many bytes: (bytes, chunked without Content-Length).
     pub oversize: Option<(usize, bool)>,
-    /// Extra response headers, e.g. `Cache-Control: no-store`.
+    /// Extra response headers, e.g. `Cache-Control: no-store`; each replaces the mock's own.
     pub headers: Vec<(String, String)>,
     /// Shut each connection down gracefully (HTTP/2: GOAWAY) once it has taken this many
     /// requests, as load balancers do when they rotate connections.
@@ -67,6 +70,10 @@ struct State {
     faults: Mutex<Faults>,
     /// Bumped by [`MockConvocore::bump_version`]; part of every body, so a refetch shows.
     version: AtomicU64,
+    /// Extra turns in every export ([`MockConvocore::set_turns`]), to make bodies larger.
+    turns: std::sync::atomic::AtomicUsize,
+    /// Conditional requests answered `304 Not Modified`.
+    not_modified: AtomicU64,
     /// Connections accepted so far.
     accepted: AtomicU64,
     /// Bumped by [`MockConvocore::drop_connections`]: every open connection closes.
@@ -185,6 +192,8 @@ impl MockConvocore {
             throttled: AtomicU64::new(0),
             faults: Mutex::new(Faults::default()),
             version: AtomicU64::new(1),
+            turns: Default::default(),
+            not_modified: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             drops: tokio::sync::watch::Sender::new(0),
         });
@@ -250,9 +259,21 @@ impl MockConvocore {
         );
     }
 
-    /// Changes every body from now on (a conversation that got new turns).
+    /// Changes every body (and its `ETag` and `Last-Modified`) from now on, as a conversation
+    /// that got new turns.
     pub fn bump_version(&self) -> u64 {
         self.state.version.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Adds `turns` generated turns to every export from now on (about 250 bytes of JSON each),
+    /// for bodies of a chosen size.
+    pub fn set_turns(&self, turns: usize) {
+        self.state.turns.store(turns, Ordering::Relaxed);
+    }
+
+    /// Conditional requests answered `304 Not Modified` so far.
+    pub fn not_modified(&self) -> u64 {
+        self.state.not_modified.load(Ordering::Relaxed)
     }
 
     /// Connections accepted so far (TCP, before any TLS handshake).
@@ -526,7 +547,8 @@ async fn answer<B>(state: Arc<State>, req: Request<B>) -> Result<Response<MockBo
             http::HeaderName::from_bytes(name.as_bytes()),
             http::HeaderValue::from_str(value),
         ) {
-            headers.append(n, v);
+            // Replacing the mock's own (an `ETag` a test wants changed, on 304s too).
+            headers.insert(n, v);
         }
     }
     Ok(response)
@@ -597,12 +619,31 @@ fn export<B>(state: &State, req: &Request<B>, faults: &Faults) -> Response<MockB
         return r;
     }
     let version = state.version.load(Ordering::Relaxed);
+    let turns = state.turns.load(Ordering::Relaxed);
     let etag = format!("\"{}-{agent}-{convo}-{format}-v{version}\"", state.region);
-    let mut r = if format == "csv" {
+    let last_modified = samples::last_modified(version);
+    // Conditional requests, as a real origin honours them: If-None-Match first.
+    let unchanged = match req.headers().get(http::header::IF_NONE_MATCH) {
+        Some(inm) => inm.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().trim_start_matches("W/") == etag)
+        }),
+        None => req
+            .headers()
+            .get(http::header::IF_MODIFIED_SINCE)
+            .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok())
+            .is_some_and(|since| since >= last_modified),
+    };
+    let mut r = if unchanged {
+        state.not_modified.fetch_add(1, Ordering::Relaxed);
+        let mut r = Response::new(Full::new(Bytes::new()).boxed());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else if format == "csv" {
         let mut r = full(
             StatusCode::OK,
             "text/csv; charset=utf-8",
-            sample_csv(agent, convo, version),
+            samples::csv(agent, convo, version, turns),
         );
         if let Ok(v) = format!("attachment; filename=\"{convo}.csv\"").parse() {
             r.headers_mut().insert(http::header::CONTENT_DISPOSITION, v);
@@ -612,58 +653,16 @@ fn export<B>(state: &State, req: &Request<B>, faults: &Faults) -> Response<MockB
         full(
             StatusCode::OK,
             "application/json; charset=utf-8",
-            sample_json(&state.region, agent, convo, version),
+            samples::json(&state.region, agent, convo, version, turns),
         )
     };
     if let Ok(v) = etag.parse() {
         r.headers_mut().insert(http::header::ETAG, v);
     }
-    r.headers_mut().insert(
-        http::header::LAST_MODIFIED,
-        http::HeaderValue::from_static("Sun, 01 Dec 2024 10:30:02 GMT"),
-    );
+    if let Ok(v) = httpdate::fmt_http_date(last_modified).parse() {
+        r.headers_mut().insert(http::header::LAST_MODIFIED, v);
+    }
     r
-}
-
-/// A JSON export shaped like the API documentation's example response.
-pub fn sample_json(region: &str, agent: &str, convo: &str, version: u64) -> String {
-    serde_json::json!({
-        "success": true,
-        "message": "Conversation exported successfully",
-        "data": {
-            "metadata": {
-                "feedback": "Positive",
-                "convo": {
-                    "id": convo,
-                    "agentId": agent,
-                    "userName": "John Doe",
-                    "userEmail": "john@example.com",
-                    "userPhone": "+1234567890",
-                    "userCompany": "Acme Corp",
-                    "notes": format!("Served by the {region} mock, revision {version}"),
-                    "tags": ["new-lead"],
-                    "origin": "web"
-                },
-                "sessions": []
-            },
-            "turns": [
-                { "from": "user", "messages": [{ "type": "text", "ts": "December 1st 2024, 10:30:00 am",
-                    "payload": { "message": "Hello!", "feedback": "Unset", "aiGenerated": false } }] },
-                { "from": "bot", "messages": [{ "type": "text", "ts": "December 1st 2024, 10:30:02 am",
-                    "payload": { "message": "Hi! How can I help you today?", "feedback": "Positive", "aiGenerated": true } }] }
-            ]
-        }
-    })
-    .to_string()
-}
-
-/// The same conversation as CSV.
-pub fn sample_csv(agent: &str, convo: &str, version: u64) -> String {
-    format!(
-        "agentId,convoId,revision,from,type,ts,message,feedback,aiGenerated\n\
-         {agent},{convo},{version},user,text,\"December 1st 2024, 10:30:00 am\",Hello!,Unset,false\n\
-         {agent},{convo},{version},bot,text,\"December 1st 2024, 10:30:02 am\",Hi! How can I help you today?,Positive,true\n"
-    )
 }
 
 /// A body of `remaining` bytes sent in chunks, without a declared length.

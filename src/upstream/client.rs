@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, RETRY_AFTER, USER_AGENT,
+    HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, IF_MODIFIED_SINCE,
+    IF_NONE_MATCH, RETRY_AFTER, USER_AGENT,
 };
 use http::Request;
 use http_body_util::{BodyExt, Empty};
@@ -52,11 +53,21 @@ pub async fn exchange(
         Format::Json => HeaderValue::from_static("application/json"),
         Format::Csv => HeaderValue::from_static("text/csv, application/json;q=0.5"),
     };
-    let request = Request::get(uri)
+    let mut request = Request::get(uri)
         .header(AUTHORIZATION, region.authorization.get().as_ref().clone())
         .header(ACCEPT, accept)
         .header(&X_REQUEST_ID, request_id.clone())
-        .header(USER_AGENT, USER_AGENT_VALUE.clone())
+        .header(USER_AGENT, USER_AGENT_VALUE.clone());
+    // Revalidating a stored entry: its validators are the only headers added.
+    if let Some(validators) = ask.validators {
+        if let Some(etag) = &validators.etag {
+            request = request.header(IF_NONE_MATCH, etag.clone());
+        }
+        if let Some(modified) = &validators.last_modified {
+            request = request.header(IF_MODIFIED_SINCE, modified.clone());
+        }
+    }
+    let request = request
         .body(Empty::new())
         .map_err(|e| UpstreamError::Protocol(Arc::new(e)))?;
 
