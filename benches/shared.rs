@@ -38,6 +38,7 @@ fn entry(bytes: usize) -> Fetched {
         region: HeaderValue::from_static("eu"),
         retry_after: None,
         from_shared: false,
+        encoded: Default::default(),
     }
 }
 

@@ -124,6 +124,8 @@ pub struct Settings {
     pub shared: Option<Arc<crate::shared::Redis>>,
     /// How long a fleet fetch lease lives, and how long others wait on it.
     pub lease: crate::shared::lease::Lease,
+    /// The encodings offered by `Accept-Encoding`, in preference order.
+    pub compress: Vec<crate::compress::Coding>,
 }
 
 impl Settings {
@@ -141,6 +143,7 @@ impl Settings {
                 hold: std::time::Duration::from_secs(40),
                 wait: std::time::Duration::from_secs(30),
             },
+            compress: c.compress.clone(),
         }
     }
 }
@@ -433,6 +436,14 @@ impl Cache {
                 },
             )
             .await
+    }
+
+    /// Weighs the stored entry for `key` again after an encoding was added to `entry` (when it
+    /// is still the one stored), so that `max_bytes` counts it.
+    pub async fn reweigh(&self, key: &Export, entry: &Arc<Fetched>) {
+        if let Some(store) = self.store.load_full() {
+            store.reweigh(key, entry).await;
+        }
     }
 
     /// Drops every format of one conversation; returns how many entries there were.

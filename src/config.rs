@@ -314,6 +314,26 @@ mod tests {
     }
 
     #[test]
+    fn compress_offers_the_contract_encodings_and_refuses_others() {
+        use crate::compress::Coding;
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.cache.compress, [Coding::Zstd, Coding::Br, Coding::Gzip]);
+        let with = |list: &str| parse(&format!("{MINIMAL}\n[cache]\ncompress = {list}\n"));
+        assert!(with("[]").unwrap().cache.compress.is_empty());
+        assert_eq!(
+            with("[\"gzip\", \"zstd\"]").unwrap().cache.compress,
+            [Coding::Gzip, Coding::Zstd]
+        );
+        let e = with("[\"deflate\"]").unwrap_err();
+        assert!(e.key.starts_with("cache.compress"), "{e}");
+        assert!(e.message.contains("deflate"), "{e}");
+        let e = with("[\"br\", \"br\"]").unwrap_err();
+        assert_eq!(e.key, "cache.compress");
+        assert!(e.message.contains("twice"), "{e}");
+        assert!(with("\"gzip\"").is_err(), "a list, not a string");
+    }
+
+    #[test]
     fn unknown_keys_are_errors_naming_the_key() {
         let e = parse(&format!("{MINIMAL}\n[cache]\nmax_byte = 3\n")).unwrap_err();
         assert_eq!(e.file, "test.toml");

@@ -10,17 +10,19 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_ENCODING, ETAG, VARY};
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Body as _;
 
 use self::access::Access;
 use crate::cache::{CacheStatus, Mode};
+use crate::compress;
 use crate::domain::Export;
 use crate::error::{whole_seconds, ApiError, RateLimited};
 use crate::state::{Policy, State};
 use crate::traffic::bucket::Verdict;
-use crate::upstream::{Ask, Fault, X_REQUEST_ID};
+use crate::upstream::{Ask, Fault, Fetched, X_REQUEST_ID};
 
 /// The longest request target (path and query) accepted: `414` past it.
 pub const MAX_TARGET: usize = 8 * 1024;
@@ -140,23 +142,87 @@ async fn export<B>(
     if answer.went_upstream {
         access.upstream = Some(answer.response.elapsed);
     }
+    let entry = answer.response.clone();
     let mut response = respond::export(answer);
+    if response.status() != http::StatusCode::OK {
+        return Ok(head_or_get(req.method(), response));
+    }
+    // The encoding for this caller, while [cache] compress offers any (Vary on every 200/304).
+    let coding = negotiate(req.headers(), &policy.cache.compress, &entry, &mut response);
     // The caller already has it: 304, on a hit or after a fetch alike.
-    if response.status() == http::StatusCode::OK
-        && conditional::not_modified(req.headers(), response.headers())
-    {
+    if conditional::not_modified(req.headers(), response.headers()) {
         return Ok(conditional::into_not_modified(response));
     }
-    if req.method() == http::Method::HEAD {
-        // The GET's headers, Content-Length included, and no body.
+    if let Some(coding) = coding {
+        // Made once per entry (the first to ask waits for it), then kept and counted with it.
+        match entry.encoded.get_or_make(coding, &entry.body).await {
+            Some((body, made)) => {
+                if made {
+                    if let Some(key) = &access.export {
+                        state.cache.reweigh(key, &entry).await;
+                    }
+                }
+                *response.body_mut() = Full::new(body);
+            }
+            // The encoder failed: the identity body, under its own headers.
+            None => {
+                let headers = response.headers_mut();
+                headers.remove(CONTENT_ENCODING);
+                if let Some(etag) = entry.headers.get(&ETAG) {
+                    headers.insert(ETAG, etag.clone());
+                }
+            }
+        }
+    }
+    Ok(head_or_get(req.method(), response))
+}
+
+/// A `HEAD` gets the GET's headers, `Content-Length` included, and no body.
+fn head_or_get(
+    method: &http::Method,
+    mut response: Response<Full<Bytes>>,
+) -> Response<Full<Bytes>> {
+    if method == http::Method::HEAD {
         let length = response.body().size_hint().exact().unwrap_or(0);
-        response.headers_mut().insert(
-            http::header::CONTENT_LENGTH,
-            http::HeaderValue::from(length),
-        );
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
         *response.body_mut() = Full::new(Bytes::new());
     }
-    Ok(response)
+    response
+}
+
+/// Chooses the encoding of a `200` for the caller's `Accept-Encoding` among `offered` (none for
+/// a body under [`compress::MIN_BYTES`]) and sets the headers that depend on it: `Vary`
+/// whenever anything is offered, and for an encoded body `Content-Encoding` and a weak `ETag`
+/// (the bytes differ from the identity's).
+fn negotiate(
+    request: &http::HeaderMap,
+    offered: &[compress::Coding],
+    entry: &Fetched,
+    response: &mut Response<Full<Bytes>>,
+) -> Option<compress::Coding> {
+    if offered.is_empty() {
+        return None;
+    }
+    let headers = response.headers_mut();
+    headers.insert(VARY, HeaderValue::from_static("accept-encoding"));
+    if entry.body.len() < compress::MIN_BYTES {
+        return None;
+    }
+    let coding = compress::negotiate(request, offered)?;
+    headers.insert(CONTENT_ENCODING, coding.header());
+    if let Some(etag) = headers.get(ETAG) {
+        if !etag.as_bytes().starts_with(b"W/") {
+            let mut weak = Vec::with_capacity(etag.len() + 2);
+            weak.extend_from_slice(b"W/");
+            weak.extend_from_slice(etag.as_bytes());
+            if let Ok(weak) = HeaderValue::from_bytes(&weak) {
+                headers.insert(ETAG, weak);
+            }
+        }
+    }
+    Some(coding)
 }
 
 /// The length of a request's target (path and query), as the client sent it.

@@ -3,7 +3,7 @@
 //! Module map: `config` → `state` (durable [`State`], per-config `Policy`) → `server`
 //! (listeners, drain) → `http` (route → verify → authorize → cache → upstream → respond,
 //! access line) over `auth`, `cache`, `upstream`; `admin`, `reload`, `tls`, `metrics`, `log`,
-//! `error`, `domain`, `clock`, `watch`, `traffic` (team buckets, fair queues, pauses, breakers,
+//! `error`, `domain`, `clock`, `watch`, `compress` (encodings, negotiation), `traffic` (team buckets, fair queues, pauses, breakers,
 //! retries); `demo` and `testing` (the mock Convocore). No cycles:
 //! `domain` and `metrics` depend on nothing of the crate's but `domain`.
 //!
@@ -14,6 +14,7 @@ pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod clock;
+pub mod compress;
 pub mod config;
 pub mod demo;
 pub mod domain;

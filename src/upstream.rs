@@ -192,6 +192,8 @@ pub struct Fetched {
     pub retry_after: Option<Duration>,
     /// Read from the shared Redis (another replica fetched it), not from Convocore.
     pub from_shared: bool,
+    /// The body's encodings made so far (`[cache] compress`), kept with the entry.
+    pub encoded: crate::compress::Encoded,
 }
 
 impl Fetched {
@@ -209,6 +211,8 @@ impl Fetched {
             region: not_modified.region.clone(),
             retry_after: None,
             from_shared: false,
+            // The same body: its encodings still hold.
+            encoded: self.encoded.clone(),
         }
     }
 }

@@ -409,7 +409,7 @@ async fn only_the_contract_headers_come_back() {
     assert_eq!(r.header("x-convocore-region"), Some("eu"));
     let x_cache = r.header("x-cache").expect("x-cache");
     assert!(
-        ["HIT", "MISS", "STALE", "BYPASS"].contains(&x_cache),
+        ["HIT", "MISS", "STALE", "BYPASS", "REVALIDATED"].contains(&x_cache),
         "{x_cache}"
     );
     let cache_status = r.header("cache-status").expect("cache-status");
@@ -417,6 +417,7 @@ async fn only_the_contract_headers_come_back() {
         cache_status.starts_with("convocore-gateway;"),
         "{cache_status}"
     );
+    assert_eq!(r.header("vary"), Some("accept-encoding"));
 
     // Nothing else, beyond what the HTTP layer itself adds.
     let allowed: BTreeSet<&str> = [
@@ -431,6 +432,9 @@ async fn only_the_contract_headers_come_back() {
         "age",
         "content-length",
         "date",
+        // [cache] compress offers encodings by default: every 200 says it varies.
+        "vary",
+        "content-encoding",
     ]
     .into_iter()
     .collect();

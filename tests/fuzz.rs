@@ -2264,3 +2264,55 @@ proptest! {
         }
     }
 }
+
+// Accept-Encoding (RFC 9110 §12.5.3), against the contract's "Accept-Encoding (with q-values)
+// selects one of [cache] compress": whatever the caller sends, the choice is an offered
+// encoding or the identity (never a refusal), and a coding the caller named with q=0 is never
+// chosen.
+
+proptest! {
+    #![proptest_config(runner())]
+
+    #[test]
+    fn accept_encoding_never_panics_and_chooses_only_what_is_offered(
+        value in prop_oneof![
+            ".{0,80}",
+            proptest::collection::vec(
+                (
+                    select(vec!["gzip", "br", "zstd", "identity", "*", "x-gzip", "deflate", "GZIP", ""]),
+                    select(vec!["", ";q=0", ";q=1", ";q=0.5", ";q=0.001", ";q=1.5", ";q=abc", ";Q=0.2", ";level=9"]),
+                ),
+                0..6,
+            )
+            .prop_map(|items| items
+                .iter()
+                .map(|(t, q)| format!("{t}{q}"))
+                .collect::<Vec<_>>()
+                .join(", ")),
+        ],
+        offered in proptest::sample::subsequence(
+            vec![
+                convocore_gateway::compress::Coding::Zstd,
+                convocore_gateway::compress::Coding::Br,
+                convocore_gateway::compress::Coding::Gzip,
+            ],
+            0..=3,
+        ),
+    ) {
+        use convocore_gateway::compress::negotiate;
+        let mut headers = http::HeaderMap::new();
+        if let Ok(v) = http::HeaderValue::from_str(&value) {
+            headers.insert("accept-encoding", v);
+        }
+        if let Some(chosen) = negotiate(&headers, &offered) {
+            prop_assert!(offered.contains(&chosen), "{:?} not offered", chosen);
+            let refused = format!("{};q=0", chosen.name());
+            let lower = value.to_ascii_lowercase();
+            let named_zero = lower.split(',').any(|item| {
+                let item = item.trim();
+                item == refused || item == format!("{refused}.0") || item == format!("{refused}.00")
+            });
+            prop_assert!(!named_zero, "{:?} chosen though {:?}", chosen, value);
+        }
+    }
+}

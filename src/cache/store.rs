@@ -62,6 +62,23 @@ impl Memory {
         self.moka.insert(key, entry).await;
     }
 
+    /// Weighs `entry` again (an encoding was added to it) if it is still the one stored for
+    /// `key`: moka weighs an entry only when it is put.
+    pub async fn reweigh(&self, key: &Export, entry: &Arc<Fetched>) {
+        use moka::ops::compute::Op;
+        let _ = self
+            .moka
+            .entry_by_ref(key)
+            .and_compute_with(|current| {
+                let op = match current {
+                    Some(current) if Arc::ptr_eq(current.value(), entry) => Op::Put(entry.clone()),
+                    _ => Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+    }
+
     pub async fn remove(&self, key: &Export) -> bool {
         self.moka.remove(key).await.is_some()
     }
@@ -139,6 +156,15 @@ fn weight(key: &Export, entry: &Fetched) -> usize {
         + allocated(key.agent.len())
         + allocated(key.convo.len())
         + allocated(entry.headers.value_bytes())
+        + entry
+            .encoded
+            .made()
+            .map(|(_, bytes)| allocated(bytes.len()))
+            .sum::<usize>()
+        + match entry.encoded.slots_bytes() {
+            0 => 0,
+            n => allocated(n),
+        }
         + ENTRY_OVERHEAD
 }
 

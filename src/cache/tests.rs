@@ -49,6 +49,7 @@ fn fetched_in(region: &'static str, status: StatusCode, body: &'static str) -> F
         region: HeaderValue::from_static(region),
         retry_after: None,
         from_shared: false,
+        encoded: Default::default(),
     }
 }
 
@@ -78,6 +79,7 @@ fn settings(ttl: u64, sie: u64, swr: u64) -> Settings {
             hold: Duration::from_secs(40),
             wait: Duration::from_secs(30),
         },
+        compress: Vec::new(),
     }
 }
 

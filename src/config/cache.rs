@@ -1,10 +1,11 @@
-//! `[cache]`: the export cache's size and freshness windows.
+//! `[cache]`: the export cache's size, freshness windows and the encodings it offers.
 
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::{size, Config, ConfigError};
+use crate::compress::Coding;
 
 /// The longest freshness or stale window: a year (the store cannot keep entries past 1,000
 /// years, and a year is past any export's use).
@@ -22,6 +23,8 @@ pub struct Cache {
     pub stale_if_error: Duration,
     #[serde(with = "humantime_serde")]
     pub stale_while_revalidate: Duration,
+    /// Encodings offered to callers by `Accept-Encoding`, in preference order; empty: none.
+    pub compress: Vec<Coding>,
 }
 
 impl Default for Cache {
@@ -32,6 +35,7 @@ impl Default for Cache {
             ttl: Duration::from_secs(300),
             stale_if_error: Duration::from_secs(3600),
             stale_while_revalidate: Duration::ZERO,
+            compress: vec![Coding::Zstd, Coding::Br, Coding::Gzip],
         }
     }
 }
@@ -45,6 +49,14 @@ impl Cache {
         ] {
             if value > MAX_WINDOW {
                 return Err(c.err(key, "must be at most 365d"));
+            }
+        }
+        for (i, coding) in self.compress.iter().enumerate() {
+            if self.compress[..i].contains(coding) {
+                return Err(c.err(
+                    "cache.compress",
+                    format!("lists \"{}\" twice", coding.name()),
+                ));
             }
         }
         if self.enabled && self.max_bytes == 0 {

@@ -4,8 +4,8 @@
 //! headers and no body. A malformed condition is ignored (as if absent), never a `400`.
 
 use http::header::{
-    HeaderMap, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_MODIFIED_SINCE,
-    IF_NONE_MATCH, LAST_MODIFIED,
+    HeaderMap, CONTENT_DISPOSITION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, ETAG,
+    IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED,
 };
 use http::{Response, StatusCode};
 
@@ -110,7 +110,12 @@ fn opaque(tag: &str) -> &str {
 pub fn into_not_modified<B: Default>(mut response: Response<B>) -> Response<B> {
     *response.status_mut() = StatusCode::NOT_MODIFIED;
     let headers = response.headers_mut();
-    for name in [CONTENT_TYPE, CONTENT_DISPOSITION, CONTENT_LENGTH] {
+    for name in [
+        CONTENT_TYPE,
+        CONTENT_DISPOSITION,
+        CONTENT_LENGTH,
+        CONTENT_ENCODING,
+    ] {
         headers.remove(name);
     }
     *response.body_mut() = B::default();

@@ -84,6 +84,7 @@ pub fn decode(bytes: &[u8]) -> Option<Fetched> {
         region,
         retry_after: None,
         from_shared: false,
+        encoded: Default::default(),
     })
 }
 
@@ -132,6 +133,7 @@ mod tests {
             region: HeaderValue::from_static("eu"),
             retry_after: None,
             from_shared: false,
+            encoded: Default::default(),
         };
         let back = decode(&encode(&f)).unwrap();
         assert_eq!(back.status, f.status);

@@ -130,6 +130,7 @@ pub async fn exchange(
             .get(RETRY_AFTER)
             .and_then(|v| retry_after(v.as_bytes(), std::time::SystemTime::now())),
         from_shared: false,
+        encoded: Default::default(),
     })
 }
 
