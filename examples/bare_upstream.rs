@@ -41,10 +41,12 @@ struct Args {
 }
 
 /// A JSON document of exactly `n` bytes (or the smallest valid one, when `n` is tiny), shaped
-/// like the gateway's mock export (`convocore_gateway::testing::mock::sample_json`): its turns are repeated
-/// to approach `n` and the `notes` string is padded to hit it exactly.
+/// like the gateway's mock export (`convocore_gateway::testing::samples::json`): generated turns
+/// of varied text (so compression ratios are those of a real conversation, not of one repeated
+/// turn) approach `n`, and the `notes` string is padded to hit it exactly.
 fn export_body(n: usize) -> String {
-    let base = convocore_gateway::testing::mock::sample_json("eu", "agent-bench", "convo-bench", 1);
+    use convocore_gateway::testing::samples;
+    let base = samples::json("eu", "agent-bench", "convo-bench", 1, 0);
     if base.len() > n {
         // Smaller than the sample: a trimmed export of the same outer shape.
         let head = r#"{"success":true,"message":"Conversation exported successfully","data":""#;
@@ -52,21 +54,14 @@ fn export_body(n: usize) -> String {
         let pad = n.saturating_sub(head.len() + tail.len());
         return format!("{head}{}{tail}", "x".repeat(pad));
     }
-    let mut doc: serde_json::Value = match serde_json::from_str(&base) {
+    let per_turn =
+        (samples::json("eu", "agent-bench", "convo-bench", 1, 64).len() - base.len()) / 64;
+    let turns = (n - base.len()) / per_turn.max(1);
+    let full = samples::json("eu", "agent-bench", "convo-bench", 1, turns);
+    let mut doc: serde_json::Value = match serde_json::from_str(&full) {
         Ok(v) => v,
         Err(_) => return base,
     };
-    let turns: Vec<serde_json::Value> =
-        doc["data"]["turns"].as_array().cloned().unwrap_or_default();
-    let turn_len: usize = turns.iter().map(|t| t.to_string().len() + 1).sum();
-    // Whole copies of the sample turns while they fit (bounded: at most n / turn_len).
-    if let Some(copies) = (n - base.len()).checked_div(turn_len) {
-        if let Some(arr) = doc["data"]["turns"].as_array_mut() {
-            for _ in 0..copies {
-                arr.extend(turns.iter().cloned());
-            }
-        }
-    }
     let mut text = doc.to_string();
     while text.len() > n {
         // Overshoot (commas, rounding): drop one turn at a time; bounded by the turns' count.

@@ -114,13 +114,19 @@ pub fn negotiate(headers: &HeaderMap, offered: &[Coding]) -> Option<Coding> {
             let Some(weight) = weight(parts) else {
                 continue; // a malformed q: the item is ignored
             };
-            let slot = match token.to_ascii_lowercase().as_slice() {
-                b"zstd" => &mut q[Coding::Zstd.index()],
-                b"br" => &mut q[Coding::Br.index()],
-                b"gzip" | b"x-gzip" => &mut q[Coding::Gzip.index()],
-                b"identity" => &mut identity,
-                b"*" => &mut star,
-                _ => continue,
+            let is = |name: &[u8]| token.eq_ignore_ascii_case(name);
+            let slot = if is(b"zstd") {
+                &mut q[Coding::Zstd.index()]
+            } else if is(b"br") {
+                &mut q[Coding::Br.index()]
+            } else if is(b"gzip") || is(b"x-gzip") {
+                &mut q[Coding::Gzip.index()]
+            } else if is(b"identity") {
+                &mut identity
+            } else if token == b"*" {
+                &mut star
+            } else {
+                continue;
             };
             // Listed twice: the lower weight counts (a `q=0` refusal is never overridden).
             *slot = Some(slot.map_or(weight, |w: u16| w.min(weight)));
@@ -180,11 +186,18 @@ fn qvalue(v: &[u8]) -> Option<u16> {
 }
 
 /// An entry's encoded bodies: each made once, by the first request that wants it (others
-/// asking meanwhile wait for that one), then kept for the entry's life. The slots are
-/// allocated with the first encoding, so an entry never encoded (most small ones) pays 16
-/// bytes for them.
+/// asking meanwhile wait for that one), then kept for the entry's life, with the weak form of
+/// its `ETag`. The slots are allocated with the first encoding, so an entry never encoded (most
+/// small ones) pays 16 bytes for them.
 #[derive(Debug, Clone, Default)]
-pub struct Encoded(std::sync::OnceLock<Box<[OnceCell<Bytes>; 3]>>);
+pub struct Encoded(std::sync::OnceLock<Box<Slots>>);
+
+#[derive(Debug, Clone, Default)]
+struct Slots {
+    bodies: [OnceCell<Bytes>; 3],
+    /// The entry's `ETag` and its weak form, made once (a hit formats nothing).
+    weak_etag: std::sync::OnceLock<(HeaderValue, HeaderValue)>,
+}
 
 impl Encoded {
     /// The encoded bodies made so far, with their encodings.
@@ -192,20 +205,45 @@ impl Encoded {
         let slots = self.0.get();
         Coding::ALL
             .into_iter()
-            .filter_map(move |c| Some((c, slots?[c.index()].get()?)))
+            .filter_map(move |c| Some((c, slots?.bodies[c.index()].get()?)))
     }
 
     /// Heap bytes of the slots themselves (once allocated), beyond the encoded bodies.
     pub fn slots_bytes(&self) -> usize {
-        self.0
-            .get()
-            .map_or(0, |_| std::mem::size_of::<[OnceCell<Bytes>; 3]>())
+        self.0.get().map_or(0, |slots| {
+            std::mem::size_of::<Slots>()
+                + slots
+                    .weak_etag
+                    .get()
+                    .map_or(0, |(strong, weak)| strong.len() + weak.len())
+        })
+    }
+
+    /// `W/` + `etag` (a weak tag as it is), kept after the first time for this tag.
+    pub fn weak_etag(&self, etag: &HeaderValue) -> HeaderValue {
+        if etag.as_bytes().starts_with(b"W/") {
+            return etag.clone();
+        }
+        let slots = self.0.get_or_init(Box::default);
+        if let Some((strong, weak)) = slots.weak_etag.get() {
+            if strong == etag {
+                return weak.clone();
+            }
+        }
+        let mut bytes = Vec::with_capacity(etag.len() + 2);
+        bytes.extend_from_slice(b"W/");
+        bytes.extend_from_slice(etag.as_bytes());
+        let weak =
+            HeaderValue::from_maybe_shared(Bytes::from(bytes)).unwrap_or_else(|_| etag.clone());
+        // A renewed entry with another tag keeps the first pair: it is recomputed then.
+        let _ = slots.weak_etag.set((etag.clone(), weak.clone()));
+        weak
     }
 
     /// `body` in `coding`: kept, or made now off the async threads (`true`: made by this call,
     /// so the entry's weight grew). `None` if the encoder failed (the identity is sent).
     pub async fn get_or_make(&self, coding: Coding, body: &Bytes) -> Option<(Bytes, bool)> {
-        let cell = &self.0.get_or_init(Box::default)[coding.index()];
+        let cell = &self.0.get_or_init(Box::default).bodies[coding.index()];
         if let Some(kept) = cell.get() {
             return Some((kept.clone(), false));
         }
@@ -336,5 +374,24 @@ mod tests {
             assert_eq!(again.as_ptr(), first.as_ptr(), "the kept bytes, not a copy");
         }
         assert_eq!(encoded.made().count(), 3);
+    }
+
+    #[test]
+    fn weak_etags_are_made_once_per_tag() {
+        let encoded = Encoded::default();
+        let v1 = HeaderValue::from_static("\"v1\"");
+        let weak = encoded.weak_etag(&v1);
+        assert_eq!(weak, "W/\"v1\"");
+        assert_eq!(
+            encoded.weak_etag(&v1).as_bytes().as_ptr(),
+            weak.as_bytes().as_ptr()
+        );
+        // Another tag (a renewal's): still right.
+        assert_eq!(
+            encoded.weak_etag(&HeaderValue::from_static("\"v2\"")),
+            "W/\"v2\""
+        );
+        let already = HeaderValue::from_static("W/\"w\"");
+        assert_eq!(encoded.weak_etag(&already), already);
     }
 }

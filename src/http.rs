@@ -213,14 +213,8 @@ fn negotiate(
     let coding = compress::negotiate(request, offered)?;
     headers.insert(CONTENT_ENCODING, coding.header());
     if let Some(etag) = headers.get(ETAG) {
-        if !etag.as_bytes().starts_with(b"W/") {
-            let mut weak = Vec::with_capacity(etag.len() + 2);
-            weak.extend_from_slice(b"W/");
-            weak.extend_from_slice(etag.as_bytes());
-            if let Ok(weak) = HeaderValue::from_bytes(&weak) {
-                headers.insert(ETAG, weak);
-            }
-        }
+        let weak = entry.encoded.weak_etag(etag);
+        headers.insert(ETAG, weak);
     }
     Some(coding)
 }

@@ -11,6 +11,7 @@
 #   bash benches/load/run.sh --quick      # smoke run: 1 round x 1 s
 #   bash benches/load/run.sh --memory     # resident memory with max_bytes = 64MiB, 1 MiB exports
 #   bash benches/load/run.sh --memory-small   # resident memory per cached 2 KiB export, 32MiB
+#   bash benches/load/run.sh --encodings      # hits in zstd/br/gzip vs identity (and nginx gzip)
 set -euo pipefail
 
 usage() {
@@ -26,6 +27,9 @@ usage: benches/load/run.sh [options]
   --memory-exports N distinct exports per fill pass in --memory (default 100; two passes)
   --memory-small     memory check with small exports: max_bytes = 32MiB, two passes of 16,000
                      distinct 2 KiB exports (past the bound), then RSS per entry vs cache_bytes
+  --encodings        compression instead: gateway hits of one entry in identity, zstd, br and
+                     gzip (each encoding made once, then kept), nginx hits plain and gzipped
+  --body-bytes N     export size served by the bare upstream (default 2048)
   --keep             keep the temp dir (configs, logs, raw wrk output) and print its path
   -h, --help         this text
 
@@ -36,7 +40,7 @@ EOF
 
 # ---------------------------------------------------------------------------------- options
 ROUNDS="" DURATION="" WARMUP="" CONNECTIONS="32" QUICK=0 MEMORY=0 KEEP=0 MEM_EXPORTS=100
-MEMORY_SMALL=0
+MEMORY_SMALL=0 ENCODINGS=0 BODY_BYTES=2048
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -46,6 +50,8 @@ while [[ $# -gt 0 ]]; do
         --connections) CONNECTIONS="${2:?--connections needs a value}"; shift ;;
         --memory) MEMORY=1 ;;
         --memory-small) MEMORY_SMALL=1 ;;
+        --encodings) ENCODINGS=1 ;;
+        --body-bytes) BODY_BYTES="${2:?--body-bytes needs a value}"; shift ;;
         --memory-exports) MEM_EXPORTS="${2:?--memory-exports needs a value}"; shift ;;
         --keep) KEEP=1 ;;
         -h|--help) usage; exit 0 ;;
@@ -58,13 +64,15 @@ if [[ $QUICK == 1 ]]; then
 else
     ROUNDS="${ROUNDS:-5}" DURATION="${DURATION:-10}" WARMUP="${WARMUP:-3}"
 fi
-for v in "$ROUNDS" "$DURATION" "$WARMUP" "$MEM_EXPORTS"; do
+for v in "$ROUNDS" "$DURATION" "$WARMUP" "$MEM_EXPORTS" "$BODY_BYTES"; do
     [[ "$v" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: not a positive integer: $v" >&2; exit 2; }
 done
 [[ "$CONNECTIONS" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] \
     || { echo "run.sh: --connections takes N or N,M,...: $CONNECTIONS" >&2; exit 2; }
-(( ROUNDS <= 100 && DURATION <= 600 && WARMUP <= 600 && MEM_EXPORTS <= 10000 )) \
-    || { echo "run.sh: rounds <= 100, duration/warmup <= 600 s, memory-exports <= 10000" >&2; exit 2; }
+(( ROUNDS <= 100 && DURATION <= 600 && WARMUP <= 600 && MEM_EXPORTS <= 10000 \
+    && BODY_BYTES <= 64 * 1024 * 1024 )) \
+    || { echo "run.sh: rounds <= 100, duration/warmup <= 600 s, memory-exports <= 10000," \
+        "body-bytes <= 64 MiB" >&2; exit 2; }
 IFS=, read -r -a CONN_LIST <<<"$CONNECTIONS"
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -76,7 +84,6 @@ AGENT="agent-bench"
 CONVO="convo-bench"
 EXPORT_PATH="/v3/agents/$AGENT/convos/$CONVO/export?format=json"
 UPSTREAM_TOKEN="bench-convocore-token-0123456789"
-BODY_BYTES=2048
 
 say() { printf '%s\n' "$*"; }
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
@@ -429,20 +436,25 @@ JWT="$(mint_jwt)"
 AUTH="Authorization: Bearer $JWT"
 
 TARGETS=(gw_hit gw_miss nginx_hit nginx_pass bare)
+[[ $ENCODINGS == 1 ]] && TARGETS=(gw_hit gw_zstd gw_br gw_gzip nginx_hit nginx_gzip)
 declare -A LABEL=(
     [gw_hit]="gateway hit" [gw_miss]="gateway miss (no-store)" [nginx_hit]="nginx hit"
     [nginx_pass]="nginx pass-through" [bare]="bare upstream"
+    [gw_zstd]="gateway hit, zstd" [gw_br]="gateway hit, br" [gw_gzip]="gateway hit, gzip"
+    [nginx_gzip]="nginx hit, gzip"
 )
+declare -A CODING=([gw_zstd]=zstd [gw_br]=br [gw_gzip]=gzip [nginx_gzip]=gzip)
 target_url() {
     case "$1" in
         gw_*) echo "http://127.0.0.1:$P_GW$EXPORT_PATH" ;;
-        nginx_hit) echo "http://127.0.0.1:$P_NGC$EXPORT_PATH" ;;
         nginx_pass) echo "http://127.0.0.1:$P_NGP$EXPORT_PATH" ;;
+        nginx_*) echo "http://127.0.0.1:$P_NGC$EXPORT_PATH" ;;
         bare) echo "http://127.0.0.1:$P_UP$EXPORT_PATH" ;;
     esac
 }
 target_headers() {  # extra request headers, one per line
     [[ "$1" == gw_miss ]] && echo "Cache-Control: no-store"
+    [[ -n "${CODING[$1]:-}" ]] && echo "Accept-Encoding: ${CODING[$1]}"
     return 0
 }
 server_pids() {  # the server under test
@@ -463,6 +475,7 @@ upstream_pids() {  # the bare upstream behind it, counted apart
 header_of() { awk -F': ' -v h="$1" 'tolower($1) == h { gsub(/\r/, "", $2); print $2 }'; }
 say "checking the targets:"
 GW_SENT=0
+declare -A ENCODED_SIZE=()
 for t in "${TARGETS[@]}"; do
     url="$(target_url "$t")"
     hdrs=(-H "$AUTH")
@@ -475,12 +488,20 @@ for t in "${TARGETS[@]}"; do
     outcome="-"
     case "$t" in
         gw_*) outcome="X-Cache: $(header_of x-cache <<<"$resp")" ;;
-        nginx_hit) outcome="X-Cache-Status: $(header_of x-cache-status <<<"$resp")" ;;
+        nginx_*) outcome="X-Cache-Status: $(header_of x-cache-status <<<"$resp")" ;;
     esac
-    say "  $(printf '%-24s' "${LABEL[$t]}") $status, $size bytes, $outcome"
-    [[ "$status" == 200 && "$size" == "$BODY_BYTES" ]] || die "${LABEL[$t]}: expected 200 and $BODY_BYTES bytes"
+    encoding="$(header_of content-encoding <<<"$resp")"
+    say "  $(printf '%-24s' "${LABEL[$t]}") $status, $size bytes, $outcome${encoding:+, Content-Encoding: $encoding}"
+    if [[ -n "${CODING[$t]:-}" ]]; then
+        [[ "$status" == 200 && "$encoding" == "${CODING[$t]}" && "$size" -lt "$BODY_BYTES" ]] \
+            || die "${LABEL[$t]}: expected 200 in ${CODING[$t]}, smaller than $BODY_BYTES bytes"
+        ENCODED_SIZE[$t]=$size
+    else
+        [[ "$status" == 200 && "$size" == "$BODY_BYTES" ]] || die "${LABEL[$t]}: expected 200 and $BODY_BYTES bytes"
+    fi
     case "$t" in
-        gw_hit) [[ "$outcome" == "X-Cache: HIT" ]] || die "gateway hit target is not a HIT" ;;
+        gw_hit|gw_zstd|gw_br|gw_gzip) [[ "$outcome" == "X-Cache: HIT" ]] || die "${LABEL[$t]} target is not a HIT" ;;
+        nginx_gzip) [[ "$outcome" == "X-Cache-Status: HIT" ]] || die "nginx gzip target is not a HIT" ;;
         gw_miss) [[ "$outcome" == "X-Cache: BYPASS" ]] || die "gateway miss target is not a BYPASS" ;;
         nginx_hit) [[ "$outcome" == "X-Cache-Status: HIT" ]] || die "nginx hit target is not a HIT" ;;
     esac
@@ -585,6 +606,24 @@ for CONNS in "${CONN_LIST[@]}"; do
     done
     say "  (cpu: utime+stime of the server under test from /proc/PID/stat; nginx: master + children;"
     say "   upstream: the bare upstream's own CPU behind the gateway/nginx, per request; tick = $((1000000 / CLK_TCK)) us)"
+    if [[ $ENCODINGS == 1 ]]; then
+        say ""
+        say "encodings (one ${BODY_BYTES}-byte entry; the gateway makes each encoding once and keeps it," \
+            "nginx gzips every hit):"
+        for t in gw_zstd gw_br gw_gzip; do
+            r_cpu=$(ratio "${CPU[$t]}" "${CPU[gw_hit]}")
+            printf '  %-36s cpu/req %6sx  req/s %6sx  (%6s bytes sent)  target cpu <= 1.00x  %s\n' \
+                "${LABEL[$t]} / identity hit" "$r_cpu" "$(ratio "${RPS[$t]}" "${RPS[gw_hit]}")" \
+                "${ENCODED_SIZE[$t]}" "$(verdict "$r_cpu" '<=' 1.0)"
+        done
+        printf '  %-36s cpu/req %6sx  req/s %6sx  (%6s bytes sent)\n' "nginx hit, gzip / nginx hit" \
+            "$(ratio "${CPU[nginx_gzip]}" "${CPU[nginx_hit]}")" "$(ratio "${RPS[nginx_gzip]}" "${RPS[nginx_hit]}")" \
+            "${ENCODED_SIZE[nginx_gzip]}"
+        printf '  %-36s cpu/req %6sx  req/s %6sx\n' "gateway gzip hit / nginx gzip hit" \
+            "$(ratio "${CPU[gw_gzip]}" "${CPU[nginx_gzip]}")" "$(ratio "${RPS[gw_gzip]}" "${RPS[nginx_gzip]}")"
+        unset RPS P50 P99 CPU UPC BAD
+        continue
+    fi
     r_hit_nginx=$(ratio "${RPS[gw_hit]}" "${RPS[nginx_hit]}")
     r_hit_bare=$(ratio "${RPS[gw_hit]}" "${RPS[bare]}")
     r_miss_pass=$(ratio "${RPS[gw_miss]}" "${RPS[nginx_pass]}")
