@@ -260,12 +260,15 @@ impl Cache {
             });
         }
 
-        // A memory miss looks in the shared second level; what it finds fills memory with its
+        // A memory miss, or an expired memory entry, looks in the shared second level (another
+        // replica may have refreshed it); what it finds, if newer, fills memory with its
         // original store time, then counts as if memory had held it.
         let mut entry = entry;
-        if mode == Mode::Normal && entry.is_none() {
+        if mode == Mode::Normal {
             if let (Some(shared), Some(store)) = (&settings.shared, self.store.load_full()) {
-                if let Some(found) = shared.get_entry(key).await {
+                let held = entry.as_ref().map(|(e, _)| e.received);
+                let newer = |found: &Fetched| held.is_none_or(|t| found.received > t);
+                if let Some(found) = shared.get_entry(key).await.filter(newer) {
                     let found = Arc::new(found);
                     let freshness = assess(found.received, clock::now(), &settings.windows);
                     if !matches!(freshness, Freshness::Expired) {

@@ -1095,3 +1095,66 @@ async fn an_acl_user_in_the_url_with_its_password_from_a_file() {
     );
     assert_eq!(gw.get(EXPORT_EU, &token("billing")).await.status, 200);
 }
+
+/// Revalidation with `[shared]`: one replica's conditional refresh renews the entry for the
+/// fleet. The other replica, holding the same expired entry, reads the renewed one from Redis
+/// instead of asking Convocore again. Time moves on tokio's clock, which both replicas (in this
+/// process) and the entries' ages share.
+#[tokio::test]
+async fn a_revalidation_on_one_replica_renews_the_entry_for_the_fleet() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "cache-key", &[7]);
+    let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &["c1"])])
+        .await
+        .unwrap();
+    let config = TestConfig {
+        cache: "enabled = true\nttl = \"60s\"\n".into(),
+        region_urls: Some((region.base_url(), region.base_url())),
+        ..TestConfig::default()
+    };
+    let fleet = replicas(&redis, &keys, 2, config).await;
+    let (a, b) = (&fleet[0], &fleet[1]);
+    let t = token("billing");
+    let first = a.get(EXPORT_EU, &t).await;
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    let sealed = stored_in_redis(&redis).await;
+    assert_eq!(b.get(EXPORT_EU, &t).await.header("x-cache"), Some("HIT"));
+    assert_eq!(region.request_count(), 1);
+
+    // Both replicas' entries expire.
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(61)).await;
+    tokio::time::resume();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    let r = a.get(EXPORT_EU, &t).await;
+    assert_eq!(r.header("x-cache"), Some("REVALIDATED"));
+    assert_eq!(region.not_modified(), 1);
+    // The renewed entry reaches Redis (after the answer): its sealed value changes.
+    let mut renewed = false;
+    for _ in 0..200 {
+        if stored_in_redis(&redis).await != sealed {
+            renewed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(renewed, "the renewed entry was written to Redis");
+
+    let r = b.get(EXPORT_EU, &t).await;
+    assert_eq!(
+        r.header("x-cache"),
+        Some("HIT"),
+        "{:?}",
+        r.header("cache-status")
+    );
+    assert!(r.header("cache-status").unwrap().contains("detail=shared"));
+    assert_eq!(r.header("age"), Some("0"));
+    assert_eq!(r.body, first.body);
+    assert_eq!(
+        region.request_count(),
+        2,
+        "one conditional request for the fleet"
+    );
+}
