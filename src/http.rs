@@ -223,3 +223,60 @@ fn negotiate(
 pub fn target_len(uri: &http::Uri) -> usize {
     uri.path_and_query().map_or(0, |p| p.as_str().len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::Coding;
+
+    fn entry(len: usize) -> Fetched {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(ETAG, HeaderValue::from_static("\"t\""));
+        Fetched {
+            status: http::StatusCode::OK,
+            headers: crate::upstream::Passed::copy_from(&headers),
+            body: Bytes::from(vec![b'a'; len]),
+            storable: true,
+            elapsed: std::time::Duration::ZERO,
+            received: crate::clock::UnixMillis(0),
+            region: HeaderValue::from_static("eu"),
+            retry_after: None,
+            from_shared: false,
+            encoded: Default::default(),
+        }
+    }
+
+    fn negotiated(len: usize, offered: &[Coding]) -> (Option<Coding>, http::HeaderMap) {
+        let mut request = http::HeaderMap::new();
+        request.insert(
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("gzip"),
+        );
+        let entry = entry(len);
+        let mut response = Response::new(Full::new(entry.body.clone()));
+        response
+            .headers_mut()
+            .insert(ETAG, HeaderValue::from_static("\"t\""));
+        let coding = negotiate(&request, offered, &entry, &mut response);
+        (coding, response.headers().clone())
+    }
+
+    /// The contract's "bodies of 1 KiB or more", at the boundary.
+    #[test]
+    fn bodies_from_one_kib_are_encoded() {
+        let (coding, headers) = negotiated(1023, &[Coding::Gzip]);
+        assert_eq!(coding, None);
+        assert_eq!(headers.get(VARY).unwrap(), "accept-encoding");
+        assert!(headers.get(CONTENT_ENCODING).is_none());
+        assert_eq!(headers.get(ETAG).unwrap(), "\"t\"");
+
+        let (coding, headers) = negotiated(1024, &[Coding::Gzip]);
+        assert_eq!(coding, Some(Coding::Gzip));
+        assert_eq!(headers.get(CONTENT_ENCODING).unwrap(), "gzip");
+        assert_eq!(headers.get(ETAG).unwrap(), "W/\"t\"");
+
+        let (coding, headers) = negotiated(4096, &[]);
+        assert_eq!(coding, None);
+        assert!(headers.get(VARY).is_none());
+    }
+}

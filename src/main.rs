@@ -180,11 +180,15 @@ async fn check_config(path: &std::path::Path, fetch: bool) -> Result<(), Failure
         ),
     }
     println!(
-        "  cache         {} max_bytes {} ttl {} stale_if_error {}",
+        "  cache         {} max_bytes {} ttl {} stale_if_error {} compress {}",
         if c.cache.enabled { "on" } else { "off" },
         c.cache.max_bytes,
         humantime::format_duration(c.cache.ttl),
-        humantime::format_duration(c.cache.stale_if_error)
+        humantime::format_duration(c.cache.stale_if_error),
+        match c.cache.compress.as_slice() {
+            [] => "none".to_string(),
+            list => list.iter().map(|c| c.name()).collect::<Vec<_>>().join(","),
+        }
     );
     if c.limits.team_rate.is_some() || c.upstream.rate.is_some() {
         println!(

@@ -261,3 +261,44 @@ async fn uncached_answers_are_compressed_too() {
     assert!(missing.header("content-encoding").is_none());
     assert!(missing.header("vary").is_none());
 }
+
+/// The same negotiation over HTTP/2 (h2c with prior knowledge): the encoded body and its
+/// length arrive whole.
+#[tokio::test]
+async fn encoded_answers_over_http2() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    let gw = gateway(None).await;
+    let identity = gw.get(EXPORT_EU, &token("billing")).await;
+    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    for (method, coding) in [(Method::GET, "br"), (Method::HEAD, "zstd")] {
+        let req = http::Request::builder()
+            .method(method.clone())
+            .uri(gw.url(EXPORT_EU))
+            .header("authorization", format!("Bearer {}", token("billing")))
+            .header("accept-encoding", coding)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = h2.request(req).await.unwrap();
+        assert_eq!(r.version(), http::Version::HTTP_2);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-encoding"], coding);
+        assert_eq!(r.headers()["vary"], "accept-encoding");
+        let length: usize = r.headers()["content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        if method == Method::HEAD {
+            assert!(body.is_empty());
+            assert!(length > 0 && length < identity.body.len());
+        } else {
+            assert_eq!(body.len(), length);
+            assert_eq!(decode(coding, &body), identity.body);
+        }
+    }
+}

@@ -25,7 +25,10 @@ fn assert_304(r: &Resp, etag: &str) {
     assert_eq!(r.header("x-convocore-region"), Some("eu"));
     assert!(r.header("x-cache").is_some());
     assert!(r.header("cache-status").is_some());
+    // [cache] compress offers encodings by default: the 304 varies as the 200 does.
+    assert_eq!(r.header("vary"), Some("accept-encoding"));
     assert!(r.header("content-type").is_none());
+    assert!(r.header("content-encoding").is_none());
 }
 
 #[tokio::test]
