@@ -29,15 +29,9 @@ async fn gateway(compress: Option<&str>) -> Gateway {
     gw
 }
 
-async fn get_with(gw: &Gateway, method: Method, headers: &[(&str, &str)]) -> Resp {
-    let bearer = format!("Bearer {}", token("billing"));
-    let mut all = vec![("authorization", bearer.as_str())];
-    all.extend_from_slice(headers);
-    gw.request(method, EXPORT_EU, &all).await
-}
-
 async fn accepting(gw: &Gateway, accept_encoding: &str) -> Resp {
-    get_with(gw, Method::GET, &[("accept-encoding", accept_encoding)]).await
+    gw.billing_export(Method::GET, &[("accept-encoding", accept_encoding)])
+        .await
 }
 
 fn decode(coding: &str, data: &[u8]) -> Vec<u8> {
@@ -207,12 +201,12 @@ async fn conditional_requests_and_head_see_the_encoded_representation() {
 
     // The weak tag (or the strong one: the comparison is weak) gets a 304 that varies.
     for tag in [weak.clone(), weak.trim_start_matches("W/").to_string()] {
-        let r = get_with(
-            &gw,
-            Method::GET,
-            &[("accept-encoding", "gzip"), ("if-none-match", &tag)],
-        )
-        .await;
+        let r = gw
+            .billing_export(
+                Method::GET,
+                &[("accept-encoding", "gzip"), ("if-none-match", &tag)],
+            )
+            .await;
         assert_eq!(r.status, 304, "{tag}");
         assert!(r.body.is_empty());
         assert_eq!(r.header("etag"), Some(weak.as_str()));
@@ -220,12 +214,16 @@ async fn conditional_requests_and_head_see_the_encoded_representation() {
         assert!(r.header("content-encoding").is_none());
     }
     // Without the encoding, the identity's strong tag.
-    let r = get_with(&gw, Method::GET, &[("if-none-match", &weak)]).await;
+    let r = gw
+        .billing_export(Method::GET, &[("if-none-match", &weak)])
+        .await;
     assert_eq!(r.status, 304);
     assert_eq!(r.header("etag"), Some(weak.trim_start_matches("W/")));
 
     // HEAD: the encoded GET's headers, its length, no body.
-    let head = get_with(&gw, Method::HEAD, &[("accept-encoding", "gzip")]).await;
+    let head = gw
+        .billing_export(Method::HEAD, &[("accept-encoding", "gzip")])
+        .await;
     assert_eq!(head.status, 200);
     assert!(head.body.is_empty());
     assert_eq!(head.header("content-encoding"), Some("gzip"));

@@ -10,10 +10,7 @@ use common::*;
 use http::Method;
 
 async fn conditional(gw: &Gateway, method: Method, headers: &[(&str, &str)]) -> Resp {
-    let bearer = format!("Bearer {}", token("billing"));
-    let mut all = vec![("authorization", bearer.as_str())];
-    all.extend_from_slice(headers);
-    gw.request(method, EXPORT_EU, &all).await
+    gw.billing_export(method, headers).await
 }
 
 fn assert_304(r: &Resp, etag: &str) {

@@ -46,19 +46,23 @@ fn last(gw: &Gateway) -> Recorded {
         .expect("a request reached the EU mock")
 }
 
-/// A fill, then `ttl` and a second more: the entry has expired.
-async fn fill_and_expire(gw: &Gateway, ttl_secs: u64) -> Resp {
+/// A gateway with `ttl = "60s"` and `more` cache settings, whose EU entry was filled and has
+/// just expired (61 s later); with the first answer.
+async fn expired(more: &str) -> (Gateway, Resp) {
+    let gw = Gateway::start_with(with_cache(&format!(
+        "enabled = true\nttl = \"60s\"\n{more}"
+    )))
+    .await;
     let first = gw.get(EXPORT_EU, &token("billing")).await;
     assert_eq!(first.status, 200);
     assert_eq!(first.header("x-cache"), Some("MISS"));
-    skip(Duration::from_secs(ttl_secs + 1)).await;
-    first
+    skip(Duration::from_secs(61)).await;
+    (gw, first)
 }
 
 #[tokio::test]
 async fn an_upstream_304_renews_the_expired_entry_without_a_body() {
-    let gw = Gateway::start_with(with_cache("enabled = true\nttl = \"60s\"\n")).await;
-    let first = fill_and_expire(&gw, 60).await;
+    let (gw, first) = expired("").await;
     let plain = last(&gw);
     assert!(plain.headers.get("if-none-match").is_none());
     assert!(plain.headers.get("if-modified-since").is_none());
@@ -120,8 +124,7 @@ async fn an_upstream_304_renews_the_expired_entry_without_a_body() {
 
 #[tokio::test]
 async fn an_upstream_200_replaces_the_entry() {
-    let gw = Gateway::start_with(with_cache("enabled = true\nttl = \"60s\"\n")).await;
-    let first = fill_and_expire(&gw, 60).await;
+    let (gw, first) = expired("").await;
     gw.eu.bump_version();
     let r = gw.get(EXPORT_EU, &token("billing")).await;
     assert_eq!(r.status, 200);
@@ -143,11 +146,7 @@ async fn an_upstream_200_replaces_the_entry() {
 
 #[tokio::test]
 async fn an_upstream_failure_while_revalidating_serves_stale_if_error() {
-    let gw = Gateway::start_with(with_cache(
-        "enabled = true\nttl = \"60s\"\nstale_if_error = \"1h\"\n",
-    ))
-    .await;
-    let first = fill_and_expire(&gw, 60).await;
+    let (gw, first) = expired("stale_if_error = \"1h\"\n").await;
     gw.eu.set_faults(Faults {
         status: Some(503),
         ..Default::default()
@@ -169,11 +168,7 @@ async fn an_upstream_failure_while_revalidating_serves_stale_if_error() {
 
 #[tokio::test]
 async fn past_every_stale_window_an_entry_is_still_revalidated_but_never_served_stale() {
-    let gw = Gateway::start_with(with_cache(
-        "enabled = true\nttl = \"60s\"\nstale_if_error = \"0s\"\nstale_while_revalidate = \"0s\"\n",
-    ))
-    .await;
-    let first = fill_and_expire(&gw, 60).await;
+    let (gw, first) = expired("stale_if_error = \"0s\"\nstale_while_revalidate = \"0s\"\n").await;
     let r = gw.get(EXPORT_EU, &token("billing")).await;
     assert_eq!(r.header("x-cache"), Some("REVALIDATED"));
     assert_eq!(r.body, first.body);
@@ -199,8 +194,7 @@ async fn past_every_stale_window_an_entry_is_still_revalidated_but_never_served_
 
 #[tokio::test]
 async fn the_304s_own_validators_replace_the_stored_ones() {
-    let gw = Gateway::start_with(with_cache("enabled = true\nttl = \"60s\"\n")).await;
-    let first = fill_and_expire(&gw, 60).await;
+    let (gw, first) = expired("").await;
     let renamed = "\"renamed-by-304\"";
     let modified = "Mon, 02 Dec 2024 08:00:00 GMT";
     gw.eu.set_faults(Faults {
@@ -222,13 +216,8 @@ async fn the_304s_own_validators_replace_the_stored_ones() {
     let hit = gw.get(EXPORT_EU, &token("billing")).await;
     assert_eq!(hit.header("x-cache"), Some("HIT"));
     assert_eq!(hit.header("etag"), Some(renamed));
-    let bearer = format!("Bearer {}", token("billing"));
     let r = gw
-        .request(
-            http::Method::GET,
-            EXPORT_EU,
-            &[("authorization", &bearer), ("if-none-match", renamed)],
-        )
+        .billing_export(http::Method::GET, &[("if-none-match", renamed)])
         .await;
     assert_eq!(r.status, 304);
     assert_eq!(gw.upstream_count(), 2);
@@ -236,18 +225,10 @@ async fn the_304s_own_validators_replace_the_stored_ones() {
 
 #[tokio::test]
 async fn a_caller_holding_the_entry_gets_304_from_a_revalidation() {
-    let gw = Gateway::start_with(with_cache("enabled = true\nttl = \"60s\"\n")).await;
-    let first = fill_and_expire(&gw, 60).await;
-    let bearer = format!("Bearer {}", token("billing"));
+    let (gw, first) = expired("").await;
+    let etag = first.header("etag").unwrap();
     let r = gw
-        .request(
-            http::Method::GET,
-            EXPORT_EU,
-            &[
-                ("authorization", &bearer),
-                ("if-none-match", first.header("etag").unwrap()),
-            ],
-        )
+        .billing_export(http::Method::GET, &[("if-none-match", etag)])
         .await;
     assert_eq!(r.status, 304);
     assert!(r.body.is_empty());
@@ -261,8 +242,8 @@ async fn a_caller_holding_the_entry_gets_304_from_a_revalidation() {
 
 #[tokio::test]
 async fn concurrent_callers_share_one_conditional_request() {
-    let gw = Arc::new(Gateway::start_with(with_cache("enabled = true\nttl = \"60s\"\n")).await);
-    let first = fill_and_expire(&gw, 60).await;
+    let (gw, first) = expired("").await;
+    let gw = Arc::new(gw);
     gw.eu.set_faults(Faults {
         delay: Duration::from_millis(200),
         ..Default::default()
@@ -287,11 +268,7 @@ async fn concurrent_callers_share_one_conditional_request() {
 
 #[tokio::test]
 async fn stale_while_revalidate_renews_the_entry_in_the_background() {
-    let gw = Gateway::start_with(with_cache(
-        "enabled = true\nttl = \"60s\"\nstale_while_revalidate = \"30s\"\n",
-    ))
-    .await;
-    let first = fill_and_expire(&gw, 60).await;
+    let (gw, first) = expired("stale_while_revalidate = \"30s\"\n").await;
     let r = gw.get(EXPORT_EU, &token("billing")).await;
     assert_eq!(r.header("x-cache"), Some("STALE"));
     assert_eq!(r.body, first.body);

@@ -67,6 +67,11 @@ struct Fleet {
 }
 
 async fn fleet(redis: &RedisServer, n: usize) -> Fleet {
+    fleet_with(redis, n, "enabled = true\nttl = \"1h\"\n").await
+}
+
+/// [`fleet`] with these `[cache]` settings.
+async fn fleet_with(redis: &RedisServer, n: usize, cache: &str) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let keys = key_file(dir.path(), "cache-key", &[7]);
     let region = MockConvocore::start(
@@ -77,7 +82,7 @@ async fn fleet(redis: &RedisServer, n: usize) -> Fleet {
     .await
     .unwrap();
     let config = TestConfig {
-        cache: "enabled = true\nttl = \"1h\"\n".into(),
+        cache: cache.into(),
         region_urls: Some((region.base_url(), region.base_url())),
         ..TestConfig::default()
     };
@@ -1103,17 +1108,11 @@ async fn an_acl_user_in_the_url_with_its_password_from_a_file() {
 #[tokio::test]
 async fn a_revalidation_on_one_replica_renews_the_entry_for_the_fleet() {
     let redis = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let keys = key_file(dir.path(), "cache-key", &[7]);
-    let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &["c1"])])
-        .await
-        .unwrap();
-    let config = TestConfig {
-        cache: "enabled = true\nttl = \"60s\"\n".into(),
-        region_urls: Some((region.base_url(), region.base_url())),
-        ..TestConfig::default()
-    };
-    let fleet = replicas(&redis, &keys, 2, config).await;
+    let Fleet {
+        region,
+        gateways: fleet,
+        _dir,
+    } = fleet_with(&redis, 2, "enabled = true\nttl = \"60s\"\n").await;
     let (a, b) = (&fleet[0], &fleet[1]);
     let t = token("billing");
     let first = a.get(EXPORT_EU, &t).await;

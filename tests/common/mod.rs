@@ -352,6 +352,15 @@ impl Gateway {
         .await
     }
 
+    /// `method` on [`EXPORT_EU`] as the `billing` team, with `headers` besides its
+    /// `Authorization` (conditions, `Accept-Encoding`).
+    pub async fn billing_export(&self, method: Method, headers: &[(&str, &str)]) -> Resp {
+        let bearer = format!("Bearer {}", token("billing"));
+        let mut all = vec![("authorization", bearer.as_str())];
+        all.extend_from_slice(headers);
+        self.request(method, EXPORT_EU, &all).await
+    }
+
     /// A request to the admin listener.
     pub async fn admin(&self, method: Method, path: &str, headers: &[(&str, &str)]) -> Resp {
         send(
