@@ -13,6 +13,12 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue, ACCEPT_ENCODING};
 use tokio::sync::OnceCell;
 
+/// Encodings made at once: one per core.
+static ENCODERS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    tokio::sync::Semaphore::new(cores)
+});
+
 /// Bodies smaller than this are sent as they are: the framing would eat the saving.
 pub const MIN_BYTES: usize = 1024;
 
@@ -250,6 +256,10 @@ impl Encoded {
         let mut made = false;
         let encoded = cell
             .get_or_try_init(|| async {
+                // At most one encoding per core at a time: a burst of first requests for
+                // large exports (or the uncached answers of a cache that is off) waits its turn
+                // instead of filling tokio's blocking pool with CPU-bound work.
+                let _turn = ENCODERS.acquire().await.map_err(|_| ())?;
                 let body = body.clone();
                 let encoded = tokio::task::spawn_blocking(move || coding.encode(&body))
                     .await

@@ -55,6 +55,9 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error>> {
         &[("agent-na-1", &["convo-10", "convo-11"])],
     )
     .await?;
+    // Conversations of some length (~6 KiB of JSON), so compression shows.
+    eu.set_turns(24);
+    na.set_turns(24);
 
     let listeners = bind_or_any(
         ([127, 0, 0, 1], 8080).into(),
@@ -138,6 +141,11 @@ Try it:
 agent-na-1 is in no static map: the gateway discovers it in NA. CSV works too:
 
   curl -i -H "Authorization: Bearer $TOKEN" "http://{api}/v3/agents/agent-na-1/convos/convo-10/export?format=csv"
+
+Compressed (zstd, br or gzip, by Accept-Encoding), and a 304 for the copy you already have:
+
+  curl -s -D - -o /dev/null --compressed -H "Authorization: Bearer $TOKEN" "http://{api}/v3/agents/agent-eu-1/convos/convo-1/export"
+  curl -i -H "Authorization: Bearer $TOKEN" -H 'If-None-Match: "eu-agent-eu-1-convo-1-json-v1"' "http://{api}/v3/agents/agent-eu-1/convos/convo-1/export"
 
 Press Ctrl-C to stop.
 "#,

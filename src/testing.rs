@@ -1,5 +1,6 @@
-//! What the demo, the tests and the benchmarks share: an embedded mock Convocore and its
-//! sample exports.
+//! What the demo, the tests and the benchmarks share: an embedded mock Convocore, its sample
+//! exports, and the accept loop of test servers.
 
 pub mod mock;
 pub mod samples;
+pub mod serve;
