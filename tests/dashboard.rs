@@ -1,11 +1,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The chart's Grafana dashboard (charts/convocore-gateway/files/dashboards/) against a real
 //! Prometheus: a gateway takes traffic of every kind the panels show (hits, misses, stale
-//! answers, several teams, refused callers, Convocore errors, jwks_url keys), the `prometheus`
+//! answers, several teams, refused callers, Convocore errors, jwks_url keys, a shared Redis), the `prometheus`
 //! binary (Debian's package) scrapes its /metrics every second, and every panel's query, with
 //! Grafana's variables filled in, must return data.
 
 mod common;
+use common::redis_server::{key_file, RedisServer};
 use common::*;
 
 use std::convert::Infallible;
@@ -255,7 +256,12 @@ async fn every_panel_query_returns_data() {
     assert!(all.len() >= 10, "only {} queries in {DASHBOARD}", all.len());
 
     let (jwks_url, jwks) = jwks_server().await;
+    // [shared] on a private redis-server: the Redis panels' series.
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "cache-key", &[7]);
     let gw = Gateway::start_with(TestConfig {
+        extra: redis.shared_config(&keys),
         cache: "enabled = true\nttl = \"1s\"\nstale_if_error = \"1h\"\n".into(),
         teams: "[teams]\nbilling = { agents = [\"*\"] }\nsupport = { agents = [\"agent-na\"] }\n\
                 bulk = { agents = [\"*\"], rate = \"1/m\", burst = 1 }\n"

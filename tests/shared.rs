@@ -4,33 +4,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-use common::redis_server::RedisServer;
+use common::redis_server::{key_file, RedisServer};
 use common::*;
 
 use std::time::Duration;
 
-use base64::Engine as _;
 use convocore_gateway::testing::mock::MockConvocore;
-
-/// A key file with these 32-byte keys (first seals).
-fn key_file(dir: &std::path::Path, name: &str, keys: &[u8]) -> std::path::PathBuf {
-    let text: String = keys
-        .iter()
-        .map(|b| base64::engine::general_purpose::STANDARD.encode([*b; 32]) + "\n")
-        .collect();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 /// A replica sharing `redis` (sealing with `keys`), with `config`'s settings otherwise; ready
 /// once Redis answers it.
 async fn replica(redis: &RedisServer, keys: &std::path::Path, config: TestConfig) -> Gateway {
-    let shared = format!(
-        "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
-        redis.url(),
-        keys.display()
-    );
+    let shared = redis.shared_config(keys);
     let gw = Gateway::start_with(TestConfig {
         extra: config.extra.clone() + &shared,
         ..config

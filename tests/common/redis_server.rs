@@ -6,6 +6,19 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// A key file with these 32-byte keys (the first seals), as `[shared] encryption_key_file`
+/// reads it: one base64 key per line.
+pub fn key_file(dir: &std::path::Path, name: &str, keys: &[u8]) -> std::path::PathBuf {
+    use base64::Engine as _;
+    let text: String = keys
+        .iter()
+        .map(|b| base64::engine::general_purpose::STANDARD.encode([*b; 32]) + "\n")
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
@@ -123,6 +136,15 @@ impl RedisServer {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("redis-server (TLS) did not answer on port {port}");
+    }
+
+    /// A gateway's `[shared]` block for this server, sealing with `keys`.
+    pub fn shared_config(&self, keys: &std::path::Path) -> String {
+        format!(
+            "[shared]\nurl = \"{}\"\nencryption_key_file = \"{}\"\ntimeout = \"200ms\"\n",
+            self.url(),
+            keys.display()
+        )
     }
 
     pub fn url(&self) -> String {
