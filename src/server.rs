@@ -244,10 +244,22 @@ async fn follow_shared(state: std::sync::Weak<State>) {
                 tokio::time::sleep(pause).await;
             }
         };
-        // Until both subscriptions end (the heartbeat never does by itself).
+        // A reload that changed [shared] built another Redis: follow that one instead, at
+        // once (dropping these subscriptions), not when these happen to fail.
+        let replaced = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let current = state.upgrade().and_then(|s| s.policy().shared.clone());
+                if !current.is_some_and(|c| Arc::ptr_eq(&c, &redis)) {
+                    return;
+                }
+            }
+        };
+        // Until both subscriptions end (the heartbeat never does by itself), or Redis changes.
         tokio::select! {
             _ = async { tokio::join!(purges, pauses) } => {}
             _ = heartbeat => {}
+            _ = replaced => continue,
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -1141,3 +1141,73 @@ async fn a_revalidation_on_one_replica_renews_the_entry_for_the_fleet() {
         "one conditional request for the fleet"
     );
 }
+
+/// How many connections of `redis` subscribe to the purge channel.
+async fn purge_subscribers(redis: &RedisServer) -> i64 {
+    let mut conn = redis.client().await;
+    let reply: Vec<redis::Value> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("convocore-gateway:purge")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    match reply.get(1) {
+        Some(redis::Value::Int(n)) => *n,
+        _ => -1,
+    }
+}
+
+/// A reload that points `[shared]` at another Redis follows that one's purges at once: the
+/// old subscriptions are dropped, not kept until they fail.
+#[tokio::test]
+async fn a_reload_to_another_redis_follows_its_purges() {
+    let (first, second) = (RedisServer::start().await, RedisServer::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "cache-key", &[7]);
+    let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &["c1"])])
+        .await
+        .unwrap();
+    let config = TestConfig {
+        cache: "enabled = true\nttl = \"1h\"\n".into(),
+        region_urls: Some((region.base_url(), region.base_url())),
+        ..TestConfig::default()
+    };
+    let moved = replica(&first, &keys, config.clone()).await;
+    let other = replica(&second, &keys, config.clone()).await;
+    let t = token("billing");
+    assert_eq!(
+        moved.get(EXPORT_EU, &t).await.header("x-cache"),
+        Some("MISS")
+    );
+
+    assert_eq!(purge_subscribers(&first).await, 1);
+    assert_eq!(purge_subscribers(&second).await, 1);
+
+    let text = moved.render(&TestConfig {
+        extra: config.extra.clone() + &second.shared_config(&keys),
+        ..config.clone()
+    });
+    moved.replace_config(&text);
+    moved.reload().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            purge_subscribers(&second).await == 2 && purge_subscribers(&first).await == 0
+        })
+        .await,
+        "the reloaded replica follows the second Redis only"
+    );
+
+    // A purge on the other replica, through the second Redis, reaches the moved one.
+    assert_eq!(purge(&other).await.status, 200);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            moved.state.cache.usage().await.0 == 0
+        })
+        .await,
+        "the purge reached the replica that moved"
+    );
+    assert_eq!(
+        moved.get(EXPORT_EU, &t).await.header("x-cache"),
+        Some("MISS")
+    );
+}
