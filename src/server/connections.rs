@@ -14,13 +14,11 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -28,12 +26,15 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::state::State;
+
+mod guarded;
+use self::guarded::{held_for, Guarded};
 
 /// What a cleartext HTTP/2 connection (prior knowledge) starts with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -72,8 +73,9 @@ struct Open {
     heads: Arc<Heads>,
 }
 
-/// Bytes read on every connection while it had no request in progress (request heads on
-/// their way), against a budget for the listener: past it, the oldest such connection is
+/// Memory held for bytes read on every connection while it had no request in progress
+/// (request heads on their way, charged as [`held_for`] sizes their buffer), against a budget
+/// for the listener: past it, the oldest such connection is
 /// closed, so that 10,000 connections trickling heads cannot hold 10,000 x 64 KiB.
 #[derive(Default)]
 struct Heads {
@@ -97,8 +99,10 @@ impl Activity {
     /// The head bytes held for this connection are no longer held (a request started, or
     /// the connection ended).
     fn settle(&self) {
-        let held = self.partial.swap(0, Ordering::AcqRel);
-        self.heads.total.fetch_sub(held, Ordering::AcqRel);
+        let partial = self.partial.swap(0, Ordering::AcqRel);
+        self.heads
+            .total
+            .fetch_sub(held_for(partial), Ordering::AcqRel);
     }
 }
 
@@ -442,115 +446,6 @@ async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<(bool, Bytes)> {
         filled == H2_PREFACE.len(),
         Bytes::copy_from_slice(&buf[..filled]),
     ))
-}
-
-/// An accepted connection's socket, with what the listener watches on it:
-/// - reads while no request is in progress count against the head budget (past it, the
-///   oldest unfinished head is shed);
-/// - a write that makes no progress for `send_timeout` fails, and hyper closes the connection
-///   (nginx's `send_timeout`): a reader that stops reading cannot pin a response's memory;
-/// - bytes read to choose the protocol are given back first (`prefix`).
-struct Guarded<I> {
-    io: I,
-    prefix: Bytes,
-    send_timeout: Duration,
-    /// Set while a write waits: when it fires, the write fails.
-    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
-    activity: Arc<Activity>,
-    open: Arc<Open>,
-}
-
-impl<I> Guarded<I> {
-    /// `Ready(err)` once a stalled write has waited `send_timeout`; `Pending` (with the
-    /// timer's waker set) before.
-    fn stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        let timeout = self.send_timeout;
-        let sleep = self
-            .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "no write progress within the send timeout",
-            )),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn progress<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        polled: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        match polled {
-            Poll::Ready(r) => {
-                self.stalled = None;
-                Poll::Ready(r)
-            }
-            Poll::Pending => self.stall(cx).map(Err),
-        }
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Guarded<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            // Counted when first read.
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        let read = buf.filled().len() - before;
-        if read > 0 && self.activity.in_progress.load(Ordering::Acquire) == 0 {
-            self.activity.partial.fetch_add(read, Ordering::AcqRel);
-            let heads = &self.activity.heads;
-            let total = heads.total.fetch_add(read, Ordering::AcqRel) + read;
-            if total > heads.budget.load(Ordering::Relaxed) {
-                self.open.shed_oldest_partial();
-            }
-        }
-        polled
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Guarded<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.progress(cx, polled)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.progress(cx, polled)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let polled = Pin::new(&mut self.io).poll_flush(cx);
-        self.progress(cx, polled)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }
 
 /// Drives `serving` until it ends or the connection is asked to make room while idle (a
