@@ -11,6 +11,18 @@ use std::time::Duration;
 
 use convocore_gateway::testing::mock::MockConvocore;
 
+/// One mock region, standing for both (see [`urls`]), whose `agent-eu` has `convos`.
+async fn eu_region(convos: &[&str]) -> MockConvocore {
+    MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", convos)])
+        .await
+        .unwrap()
+}
+
+/// Both regions' URLs pointing at `region`, so every request of every replica reaches it.
+fn urls(region: &MockConvocore) -> Option<(String, String)> {
+    Some((region.base_url(), region.base_url()))
+}
+
 /// A replica sharing `redis` (sealing with `keys`), with `config`'s settings otherwise; ready
 /// once Redis answers it.
 async fn replica(redis: &RedisServer, keys: &std::path::Path, config: TestConfig) -> Gateway {
@@ -67,7 +79,7 @@ async fn fleet_with(redis: &RedisServer, n: usize, cache: &str) -> Fleet {
     .unwrap();
     let config = TestConfig {
         cache: cache.into(),
-        region_urls: Some((region.base_url(), region.base_url())),
+        region_urls: urls(&region),
         ..TestConfig::default()
     };
     let gateways = replicas(redis, &keys, n, config).await;
@@ -705,7 +717,7 @@ async fn a_regions_rate_holds_for_the_fleet() {
         3,
         TestConfig {
             upstream: "rate = \"5/s\"\n".into(),
-            region_urls: Some((region.base_url(), region.base_url())),
+            region_urls: urls(&region),
             ..TestConfig::default()
         },
     )
@@ -785,13 +797,11 @@ async fn rediss_with_the_upstream_ca_file() {
     let keys = key_file(dir.path(), "k", &[5]);
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, &ca).unwrap();
-    let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &["c1"])])
-        .await
-        .unwrap();
+    let region = eu_region(&["c1"]).await;
     let config = TestConfig {
         cache: "enabled = true\n".into(),
         upstream: format!("ca_file = \"{}\"\n", ca_file.display()),
-        region_urls: Some((region.base_url(), region.base_url())),
+        region_urls: urls(&region),
         ..TestConfig::default()
     };
     let gateways = replicas(&redis, &keys, 2, config).await;
@@ -813,14 +823,12 @@ async fn both_levels_mean_the_same_for_no_cache_no_store_teams_and_stale_entries
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let keys = key_file(dir.path(), "k", &[5]);
-    let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &["c1", "c2"])])
-        .await
-        .unwrap();
+    let region = eu_region(&["c1", "c2"]).await;
     let teams = "[teams]\nbilling = { agents = [\"*\"] }\nsupport = { agents = [\"agent-na\"] }\n";
     let config = TestConfig {
         cache: "enabled = true\nttl = \"1s\"\nstale_if_error = \"1h\"\n".into(),
         teams: teams.into(),
-        region_urls: Some((region.base_url(), region.base_url())),
+        region_urls: urls(&region),
         ..TestConfig::default()
     };
     let gateways = replicas(&redis, &keys, 3, config).await;
@@ -908,9 +916,7 @@ async fn fleet_hit_ratio() {
     let convos: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
     for shared in [false, true] {
         let refs: Vec<&str> = convos.iter().map(String::as_str).collect();
-        let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &refs)])
-            .await
-            .unwrap();
+        let region = eu_region(&refs).await;
         let mut gateways = Vec::new();
         for _ in 0..3 {
             let extra = if shared {
@@ -924,7 +930,7 @@ async fn fleet_hit_ratio() {
             };
             let gw = Gateway::start_with(TestConfig {
                 cache: "enabled = true\nttl = \"1h\"\n".into(),
-                region_urls: Some((region.base_url(), region.base_url())),
+                region_urls: urls(&region),
                 extra,
                 ..TestConfig::default()
             })
@@ -965,16 +971,14 @@ async fn a_waiter_gives_up_on_a_lease_after_request_timeout() {
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let keys = key_file(dir.path(), "k", &[5]);
-    let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &["c1"])])
-        .await
-        .unwrap();
+    let region = eu_region(&["c1"]).await;
     let gw = replica(
         &redis,
         &keys,
         TestConfig {
             cache: "enabled = true\n".into(),
             upstream: "request_timeout = \"600ms\"\n".into(),
-            region_urls: Some((region.base_url(), region.base_url())),
+            region_urls: urls(&region),
             ..TestConfig::default()
         },
     )
@@ -1004,16 +1008,14 @@ async fn a_changed_key_file_is_read_again_and_old_values_no_longer_open() {
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let keys = key_file(dir.path(), "keys", &[1]);
-    let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &["c1", "c2"])])
-        .await
-        .unwrap();
+    let region = eu_region(&["c1", "c2"]).await;
     let gateways = replicas(
         &redis,
         &keys,
         2,
         TestConfig {
             cache: "enabled = true\n".into(),
-            region_urls: Some((region.base_url(), region.base_url())),
+            region_urls: urls(&region),
             ..TestConfig::default()
         },
     )
@@ -1164,12 +1166,10 @@ async fn a_reload_to_another_redis_follows_its_purges() {
     let (first, second) = (RedisServer::start().await, RedisServer::start().await);
     let dir = tempfile::tempdir().unwrap();
     let keys = key_file(dir.path(), "cache-key", &[7]);
-    let region = MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", &["c1"])])
-        .await
-        .unwrap();
+    let region = eu_region(&["c1"]).await;
     let config = TestConfig {
         cache: "enabled = true\nttl = \"1h\"\n".into(),
-        region_urls: Some((region.base_url(), region.base_url())),
+        region_urls: urls(&region),
         ..TestConfig::default()
     };
     let moved = replica(&first, &keys, config.clone()).await;
