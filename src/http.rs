@@ -1,8 +1,9 @@
 //! The export route, in the order of its phases: route → verify → authorize → cache →
-//! upstream → respond; then the one access line ([`access`]).
+//! upstream → respond (encoding, conditions, `HEAD`); then the one access line ([`access`]).
 
 pub mod access;
 pub mod conditional;
+pub mod encoding;
 pub mod respond;
 pub mod route;
 
@@ -10,19 +11,18 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_ENCODING, ETAG, VARY};
+use http::header::HeaderValue;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Body as _;
 
 use self::access::Access;
 use crate::cache::{CacheStatus, Mode};
-use crate::compress;
 use crate::domain::Export;
 use crate::error::{whole_seconds, ApiError, RateLimited};
 use crate::state::{Policy, State};
 use crate::traffic::bucket::Verdict;
-use crate::upstream::{Ask, Fault, Fetched, X_REQUEST_ID};
+use crate::upstream::{Ask, Fault, X_REQUEST_ID};
 
 /// The longest request target (path and query) accepted: `414` past it.
 pub const MAX_TARGET: usize = 8 * 1024;
@@ -148,31 +148,13 @@ async fn export<B>(
         return Ok(head_or_get(req.method(), response));
     }
     // The encoding for this caller, while [cache] compress offers any (Vary on every 200/304).
-    let coding = negotiate(req.headers(), &policy.cache.compress, &entry, &mut response);
+    let coding = encoding::negotiate(req.headers(), &policy.cache.compress, &entry, &mut response);
     // The caller already has it: 304, on a hit or after a fetch alike.
     if conditional::not_modified(req.headers(), response.headers()) {
         return Ok(conditional::into_not_modified(response));
     }
     if let Some(coding) = coding {
-        // Made once per entry (the first to ask waits for it), then kept and counted with it.
-        match entry.encoded.get_or_make(coding, &entry.body).await {
-            Some((body, made)) => {
-                if made {
-                    if let Some(key) = &access.export {
-                        state.cache.reweigh(key, &entry).await;
-                    }
-                }
-                *response.body_mut() = Full::new(body);
-            }
-            // The encoder failed: the identity body, under its own headers.
-            None => {
-                let headers = response.headers_mut();
-                headers.remove(CONTENT_ENCODING);
-                if let Some(etag) = entry.headers.get(&ETAG) {
-                    headers.insert(ETAG, etag.clone());
-                }
-            }
-        }
+        encoding::encode(state, access.export.as_ref(), &entry, coding, &mut response).await;
     }
     Ok(head_or_get(req.method(), response))
 }
@@ -192,91 +174,7 @@ fn head_or_get(
     response
 }
 
-/// Chooses the encoding of a `200` for the caller's `Accept-Encoding` among `offered` (none for
-/// a body under [`compress::MIN_BYTES`]) and sets the headers that depend on it: `Vary`
-/// whenever anything is offered, and for an encoded body `Content-Encoding` and a weak `ETag`
-/// (the bytes differ from the identity's).
-fn negotiate(
-    request: &http::HeaderMap,
-    offered: &[compress::Coding],
-    entry: &Fetched,
-    response: &mut Response<Full<Bytes>>,
-) -> Option<compress::Coding> {
-    if offered.is_empty() {
-        return None;
-    }
-    let headers = response.headers_mut();
-    headers.insert(VARY, HeaderValue::from_static("accept-encoding"));
-    if entry.body.len() < compress::MIN_BYTES {
-        return None;
-    }
-    let coding = compress::negotiate(request, offered)?;
-    headers.insert(CONTENT_ENCODING, coding.header());
-    if let Some(etag) = headers.get(ETAG) {
-        let weak = entry.encoded.weak_etag(etag);
-        headers.insert(ETAG, weak);
-    }
-    Some(coding)
-}
-
 /// The length of a request's target (path and query), as the client sent it.
 pub fn target_len(uri: &http::Uri) -> usize {
     uri.path_and_query().map_or(0, |p| p.as_str().len())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::compress::Coding;
-
-    fn entry(len: usize) -> Fetched {
-        let mut headers = http::HeaderMap::new();
-        headers.insert(ETAG, HeaderValue::from_static("\"t\""));
-        Fetched {
-            status: http::StatusCode::OK,
-            headers: crate::upstream::Passed::copy_from(&headers),
-            body: Bytes::from(vec![b'a'; len]),
-            storable: true,
-            elapsed: std::time::Duration::ZERO,
-            received: crate::clock::UnixMillis(0),
-            region: HeaderValue::from_static("eu"),
-            retry_after: None,
-            from_shared: false,
-            encoded: Default::default(),
-        }
-    }
-
-    fn negotiated(len: usize, offered: &[Coding]) -> (Option<Coding>, http::HeaderMap) {
-        let mut request = http::HeaderMap::new();
-        request.insert(
-            http::header::ACCEPT_ENCODING,
-            HeaderValue::from_static("gzip"),
-        );
-        let entry = entry(len);
-        let mut response = Response::new(Full::new(entry.body.clone()));
-        response
-            .headers_mut()
-            .insert(ETAG, HeaderValue::from_static("\"t\""));
-        let coding = negotiate(&request, offered, &entry, &mut response);
-        (coding, response.headers().clone())
-    }
-
-    /// The contract's "bodies of 1 KiB or more", at the boundary.
-    #[test]
-    fn bodies_from_one_kib_are_encoded() {
-        let (coding, headers) = negotiated(1023, &[Coding::Gzip]);
-        assert_eq!(coding, None);
-        assert_eq!(headers.get(VARY).unwrap(), "accept-encoding");
-        assert!(headers.get(CONTENT_ENCODING).is_none());
-        assert_eq!(headers.get(ETAG).unwrap(), "\"t\"");
-
-        let (coding, headers) = negotiated(1024, &[Coding::Gzip]);
-        assert_eq!(coding, Some(Coding::Gzip));
-        assert_eq!(headers.get(CONTENT_ENCODING).unwrap(), "gzip");
-        assert_eq!(headers.get(ETAG).unwrap(), "W/\"t\"");
-
-        let (coding, headers) = negotiated(4096, &[]);
-        assert_eq!(coding, None);
-        assert!(headers.get(VARY).is_none());
-    }
 }
