@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use crate::state::State;
 
 mod guarded;
-use self::guarded::{held_for, Guarded};
+use self::guarded::{charge, held_for, Guarded};
 
 /// What a cleartext HTTP/2 connection (prior knowledge) starts with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -77,9 +77,13 @@ struct Open {
 /// (request heads on their way, charged as [`held_for`] sizes their buffer), against a budget
 /// for the listener: past it, the oldest such connection is
 /// closed, so that 10,000 connections trickling heads cannot hold 10,000 x 64 KiB.
+///
+/// Signed: a connection's read and the settling of its charge may run on two tasks (an h2
+/// stream's request settles while its connection reads), so the total can dip below zero for a
+/// moment; unsigned, it would wrap and look far over the budget.
 #[derive(Default)]
 struct Heads {
-    total: AtomicUsize,
+    total: AtomicIsize,
     budget: AtomicUsize,
 }
 
@@ -102,7 +106,7 @@ impl Activity {
         let partial = self.partial.swap(0, Ordering::AcqRel);
         self.heads
             .total
-            .fetch_sub(held_for(partial), Ordering::AcqRel);
+            .fetch_sub(charge(held_for(partial)), Ordering::AcqRel);
     }
 }
 

@@ -15,6 +15,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{Activity, Open};
 
+/// `bytes` as a signed amount of the listener's head total (no head or budget nears
+/// `isize::MAX`; saturating if one did).
+pub(super) fn charge(bytes: usize) -> isize {
+    isize::try_from(bytes).unwrap_or(isize::MAX)
+}
+
 /// The memory an unfinished head of `partial` bytes holds: hyper's read buffer, which starts
 /// at 8 KiB and doubles as a head grows (so bytes read undercount it by up to half).
 pub(super) fn held_for(partial: usize) -> usize {
@@ -93,8 +99,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for Guarded<I> {
             // Charged as the buffer holding it is sized, not as the bytes read.
             let grown = held_for(before + read) - held_for(before);
             let heads = &self.activity.heads;
+            let grown = charge(grown);
             let total = heads.total.fetch_add(grown, Ordering::AcqRel) + grown;
-            if total > heads.budget.load(Ordering::Relaxed) {
+            if total > charge(heads.budget.load(Ordering::Relaxed)) {
                 self.open.shed_oldest_partial();
             }
         }
@@ -137,7 +144,26 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Guarded<I> {
 
 #[cfg(test)]
 mod tests {
-    use super::held_for;
+    use super::{charge, held_for};
+    use std::sync::atomic::Ordering;
+
+    /// An h2 stream's request may settle its connection's charge before the read that made it
+    /// is added: the total dips below zero for a moment, and is not read as over the budget.
+    #[test]
+    fn a_settle_before_its_charge_is_not_over_the_budget() {
+        let heads = super::super::Heads::default();
+        heads.budget.store(64 * 1024, Ordering::Relaxed);
+        heads
+            .total
+            .fetch_sub(charge(held_for(100)), Ordering::AcqRel);
+        let dipped = heads.total.load(Ordering::Acquire);
+        assert!(dipped < 0, "{dipped}");
+        assert!(dipped <= charge(heads.budget.load(Ordering::Relaxed)));
+        heads
+            .total
+            .fetch_add(charge(held_for(100)), Ordering::AcqRel);
+        assert_eq!(heads.total.load(Ordering::Acquire), 0);
+    }
 
     #[test]
     fn an_unfinished_head_is_charged_as_its_buffer() {
