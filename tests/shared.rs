@@ -103,6 +103,19 @@ async fn refetch(gw: &Gateway, t: &str) -> Resp {
     .await
 }
 
+/// A fleet lease on `EXPORT_EU` held by `holder` for `ms`, as a replica that took it would.
+async fn plant_lease(redis: &RedisServer, holder: &str, ms: u64) {
+    let mut conn = redis.client().await;
+    let _: () = redis::cmd("SET")
+        .arg("convocore-gateway:l:agent-eu:c1:json")
+        .arg(holder)
+        .arg("PX")
+        .arg(ms)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
 async fn shared_up(gw: &Gateway) -> f64 {
     metric(&metrics_text(gw).await, "convocore_gateway_shared_up")
 }
@@ -589,15 +602,7 @@ async fn a_lease_whose_holder_fails_lets_the_waiters_fetch_themselves() {
     let redis = RedisServer::start().await;
     let fleet = fleet(&redis, 2).await;
     // A holder that died: its lease is there, its entry never comes.
-    let mut conn = redis.client().await;
-    let _: () = redis::cmd("SET")
-        .arg("convocore-gateway:l:agent-eu:c1:json")
-        .arg("dead-holder")
-        .arg("PX")
-        .arg(700)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    plant_lease(&redis, "dead-holder", 700).await;
     let started = std::time::Instant::now();
     let r = fleet.gateways[0].get(EXPORT_EU, &token("billing")).await;
     assert_eq!(r.status, 200);
@@ -984,15 +989,7 @@ async fn a_waiter_gives_up_on_a_lease_after_request_timeout() {
     )
     .await;
     // A lease that outlives the wait (a holder stuck far longer than request_timeout).
-    let mut conn = redis.client().await;
-    let _: () = redis::cmd("SET")
-        .arg("convocore-gateway:l:agent-eu:c1:json")
-        .arg("stuck-holder")
-        .arg("PX")
-        .arg(60_000)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    plant_lease(&redis, "stuck-holder", 60_000).await;
     let started = std::time::Instant::now();
     let r = gw.get(EXPORT_EU, &token("billing")).await;
     assert_eq!(r.status, 200);
