@@ -11,6 +11,14 @@ use std::time::Duration;
 
 use convocore_gateway::testing::mock::MockConvocore;
 
+/// A private `redis-server` and a key file (in the returned directory, kept while it lives).
+async fn redis_and_key() -> (RedisServer, tempfile::TempDir, std::path::PathBuf) {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "k", &[5]);
+    (redis, dir, keys)
+}
+
 /// One mock region, standing for both (see [`urls`]), whose `agent-eu` has `convos`.
 async fn eu_region(convos: &[&str]) -> MockConvocore {
     MockConvocore::start("eu", UPSTREAM_TOKEN, &[("agent-eu", convos)])
@@ -706,9 +714,7 @@ async fn an_upstream_429_pauses_the_region_on_every_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_regions_rate_holds_for_the_fleet() {
-    let redis = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let keys = key_file(dir.path(), "k", &[5]);
+    let (redis, _dir, keys) = redis_and_key().await;
     let region = MockConvocore::start(
         "eu",
         UPSTREAM_TOKEN,
@@ -762,9 +768,7 @@ async fn a_regions_rate_holds_for_the_fleet() {
 
 #[tokio::test]
 async fn a_region_one_replica_discovered_is_known_to_the_others() {
-    let redis = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let keys = key_file(dir.path(), "k", &[5]);
+    let (redis, _dir, keys) = redis_and_key().await;
     let (eu, na) = mocks().await;
     na.add_agent("agent-found", &["c1"]);
     let gateways = replicas(
@@ -825,9 +829,7 @@ async fn rediss_with_the_upstream_ca_file() {
 
 #[tokio::test]
 async fn both_levels_mean_the_same_for_no_cache_no_store_teams_and_stale_entries() {
-    let redis = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let keys = key_file(dir.path(), "k", &[5]);
+    let (redis, _dir, keys) = redis_and_key().await;
     let region = eu_region(&["c1", "c2"]).await;
     let teams = "[teams]\nbilling = { agents = [\"*\"] }\nsupport = { agents = [\"agent-na\"] }\n";
     let config = TestConfig {
@@ -915,9 +917,7 @@ async fn both_levels_mean_the_same_for_no_cache_no_store_teams_and_stale_entries
 #[tokio::test]
 #[ignore]
 async fn fleet_hit_ratio() {
-    let redis = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let keys = key_file(dir.path(), "k", &[5]);
+    let (redis, _dir, keys) = redis_and_key().await;
     let convos: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
     for shared in [false, true] {
         let refs: Vec<&str> = convos.iter().map(String::as_str).collect();
@@ -973,9 +973,7 @@ async fn fleet_hit_ratio() {
 
 #[tokio::test]
 async fn a_waiter_gives_up_on_a_lease_after_request_timeout() {
-    let redis = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let keys = key_file(dir.path(), "k", &[5]);
+    let (redis, _dir, keys) = redis_and_key().await;
     let region = eu_region(&["c1"]).await;
     let gw = replica(
         &redis,
